@@ -1,0 +1,516 @@
+"""``max_fuse``: MaxFusion of N feature maps in two fused Triton passes.
+
+Top to bottom: the Triton kernels, the launcher, the registered op ``torch.ops.maxfusion.max_fuse``
+and the public function. The semantics are those of SPEC.md (executable form:
+:mod:`maxfusion_kernels.reference`); the passes and the bytes they move are in docs/design.md.
+
+Pass 1 (``_stats_kernel``), one program per (block of sites, sample): reads every input once,
+accumulating over the channels, per site and input, the shifted sum and sum of squares (for the
+variance) and the Gram matrix of the N vectors (for the correlations). It writes the per-site
+saliency statistic ``t_i``, a 32-bit mask of the pairs correlated above the threshold, and one
+partial sum of ``t_i`` per block. Where every pair of (non-removed) inputs is correlated, the
+group is every input whoever wins, so the output is written there and then (a second look at
+the same tile, served from L1/L2).
+
+Pass 2 (``_finish_kernel``): sums the partials into the normalisers ``T_i`` (fixed order, so
+deterministic and identical in every program), picks the winner and the group per site, writes
+the optional info, and writes the output at the sites pass 1 left open, reading only the group's
+inputs there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..layout import site_layout
+from ..options import MAX_INPUTS, FuseInfo, FuseOptions, check_features, resolve_options
+from ..options import BACKENDS as _BACKENDS
+from ..torch_backend import fuse_torch
+
+try:  # Triton is optional: without it only the torch path runs
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+if HAS_TRITON:
+    EARLY_MARK = tl.constexpr(1 << 30)  # pair-mask bit: site already written by pass 1
+
+    # ------------------------------------------------------------------------------------
+    # 1. kernels
+    # ------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _pick(i, v0, v1, v2, v3, v4, v5, v6, v7, N: tl.constexpr):
+        """Per element of index tensor ``i``: ``v_i`` (pointer or scalar); ``v0`` beyond N."""
+        r = tl.where(i == 0, v0, v0)
+        if N > 1:
+            r = tl.where(i == 1, v1, r)
+        if N > 2:
+            r = tl.where(i == 2, v2, r)
+        if N > 3:
+            r = tl.where(i == 3, v3, r)
+        if N > 4:
+            r = tl.where(i == 4, v4, r)
+        if N > 5:
+            r = tl.where(i == 5, v5, r)
+        if N > 6:
+            r = tl.where(i == 6, v6, r)
+        if N > 7:
+            r = tl.where(i == 7, v7, r)
+        return r
+
+    @triton.jit
+    def _site_offsets(s, inner, stride_outer, stride_inner, TWO_RUNS: tl.constexpr):
+        """Element offsets (int64) of flat site indices ``s``."""
+        s = s.to(tl.int64)
+        if TWO_RUNS:
+            return (s // inner) * stride_outer + (s % inner) * stride_inner
+        else:
+            return s * stride_outer
+
+    @triton.jit
+    def _pair_bit(lo, hi, N: tl.constexpr):
+        """Bit index of the pair ``lo < hi`` in the packed upper triangle (< 28 for N <= 8)."""
+        return lo * N - (lo * (lo + 1)) // 2 + (hi - lo - 1)
+
+    @triton.jit
+    def _stats_kernel(
+        x0, x1, x2, x3, x4, x5, x6, x7,
+        o0, o1, o2, o3, o4, o5, o6, o7,
+        t_ptr, mask_ptr, part_ptr,
+        w0, w1, w2, w3, w4, w5, w6, w7,
+        threshold, C, S, inner, n_blocks,
+        stride_xb, stride_xc, stride_xs0, stride_xs1,
+        stride_ob, stride_oc, stride_os0, stride_os1,
+        N: tl.constexpr, NP: tl.constexpr,
+        PEARSON: tl.constexpr, USE_VARIANCE: tl.constexpr, UNMERGE: tl.constexpr,
+        TWO_RUNS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        pid_s = tl.program_id(0)
+        pid_b = tl.program_id(1).to(tl.int64)
+        i = tl.arange(0, NP)
+        cc = tl.arange(0, BLOCK_C)
+        s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        i_ok = i < N
+        w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
+        present = i_ok & (w != 0.0)
+
+        x_base = _pick(i, x0, x1, x2, x3, x4, x5, x6, x7, N) + pid_b * stride_xb
+        x_site = _site_offsets(s, inner, stride_xs0, stride_xs1, TWO_RUNS)
+        # shift by each vector's first channel: the sums below stay well conditioned
+        m2 = i_ok[:, None] & s_ok[None, :]
+        k = tl.load(x_base[:, None] + x_site[None, :], mask=m2, other=0.0).to(tl.float32)
+        k = k * w[:, None]
+
+        acc_a = tl.zeros((NP, BLOCK_S), tl.float32)  # sum of shifted values
+        acc_q = tl.zeros((NP, BLOCK_S), tl.float32)  # sum of squared shifted values
+        gram = tl.zeros((NP, NP, BLOCK_S), tl.float32)  # shifted (pearson) or raw (cosine)
+        for c0 in range(0, C, BLOCK_C):
+            ch = c0 + cc
+            m3 = i_ok[:, None, None] & (ch < C)[None, :, None] & s_ok[None, None, :]
+            ptr = (x_base[:, None, None] + ch.to(tl.int64)[None, :, None] * stride_xc
+                   + x_site[None, None, :])
+            x = tl.load(ptr, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
+            xs = tl.where(m3, x - k[:, None, :], 0.0)
+            acc_a += tl.sum(xs, axis=1)
+            acc_q += tl.sum(xs * xs, axis=1)
+            y = xs if PEARSON else x
+            gram += tl.sum(y[:, None, :, :] * y[None, :, :, :], axis=2)
+
+        var = tl.maximum(acc_q - acc_a * acc_a / C, 0.0) / (C - 1)
+        t = var if USE_VARIANCE else tl.sqrt(var)
+        ii = i[:, None, None]
+        jj = i[None, :, None]
+        if PEARSON:
+            gram = gram - acc_a[:, None, :] * acc_a[None, :, :] / C
+        sq = tl.maximum(tl.sum(tl.where(ii == jj, gram, 0.0), axis=1), 0.0)  # [NP, BS]
+        nrm = tl.sqrt(sq)
+        denom = nrm[:, None, :] * nrm[None, :, :]
+        corr = tl.where(denom > 0.0, gram / tl.where(denom > 0.0, denom, 1.0), 0.0)
+
+        # pairs of present inputs, correlated above the threshold, packed into 28 bits
+        pair = (ii < jj) & present[:, None, None] & present[None, :, None]
+        hit = pair & (corr > threshold)
+        bit = _pair_bit(ii, jj, N)
+        bits = tl.sum(tl.sum(tl.where(hit, (bit * 0 + 1) << bit, 0), axis=1), axis=0)
+        # every present pair correlated: the group is all present inputs, whoever wins
+        early = tl.min(tl.min(tl.where(pair & ~hit, 0, 1), axis=1), axis=0) == 1
+        early = early & s_ok
+        bits = bits | tl.where(early, EARLY_MARK, 0)
+
+        row = (pid_b * N + i.to(tl.int64)) * S
+        tl.store(t_ptr + row[:, None] + s[None, :], t, mask=m2)
+        tl.store(mask_ptr + pid_b * S + s, bits, mask=s_ok)
+        part = tl.sum(tl.where(m2, t, 0.0), axis=1)
+        tl.store(part_ptr + (pid_b * N + i) * n_blocks + pid_s, part, mask=i_ok)
+
+        if tl.max(early.to(tl.int32), axis=0) > 0:
+            count = tl.maximum(tl.sum(present.to(tl.float32), axis=0), 1.0)
+            o_base = _pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
+            o_site = _site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
+            for c0 in range(0, C, BLOCK_C):
+                ch = c0 + cc
+                c_ok = (ch < C)[:, None] & early[None, :]
+                m3 = present[:, None, None] & c_ok[None, :, :]
+                ptr = (x_base[:, None, None] + ch.to(tl.int64)[None, :, None] * stride_xc
+                       + x_site[None, None, :])
+                x = tl.load(ptr, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
+                out = tl.sum(x, axis=0) / count
+                o_off = ch.to(tl.int64)[:, None] * stride_oc + o_site[None, :]
+                if UNMERGE:
+                    g = tl.where(present[:, None, None], out[None, :, :], 0.0)
+                    tl.store(o_base[:, None, None] + o_off[None, :, :],
+                             g.to(o0.dtype.element_ty),
+                             mask=i_ok[:, None, None] & c_ok[None, :, :])
+                else:
+                    tl.store(o0 + pid_b * stride_ob + o_off, out.to(o0.dtype.element_ty),
+                             mask=c_ok)
+
+    @triton.jit
+    def _finish_kernel(
+        x0, x1, x2, x3, x4, x5, x6, x7,
+        o0, o1, o2, o3, o4, o5, o6, o7,
+        t_ptr, mask_ptr, part_ptr, winner_ptr, members_ptr,
+        w0, w1, w2, w3, w4, w5, w6, w7,
+        C, S, inner, n_blocks, B,
+        stride_xb, stride_xc, stride_xs0, stride_xs1,
+        stride_ob, stride_oc, stride_os0, stride_os1,
+        N: tl.constexpr, NP: tl.constexpr,
+        USE_VARIANCE: tl.constexpr, UNMERGE: tl.constexpr, BATCH_NORMALIZER: tl.constexpr,
+        TWO_RUNS: tl.constexpr, INFO: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        pid_s = tl.program_id(0)
+        pid_b = tl.program_id(1).to(tl.int64)
+        i = tl.arange(0, NP)
+        i_ok = i < N
+        w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
+        present = i_ok & (w != 0.0)
+
+        # normalisers: the same fixed-order sum in every program (deterministic, no atomics)
+        pp = tl.arange(0, BLOCK_P)
+        acc = tl.zeros((NP, BLOCK_P), tl.float32)
+        if BATCH_NORMALIZER:
+            b_lo = 0
+            b_hi = B
+        else:
+            b_lo = pid_b
+            b_hi = pid_b + 1
+        for bb in range(b_lo, b_hi):
+            for p0 in range(0, n_blocks, BLOCK_P):
+                p = p0 + pp
+                ptr = part_ptr + (bb * N + i[:, None]) * n_blocks + p[None, :]
+                acc += tl.load(ptr, mask=i_ok[:, None] & (p < n_blocks)[None, :], other=0.0)
+        total = tl.sum(acc, axis=1)  # [NP]
+
+        s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        m2 = i_ok[:, None] & s_ok[None, :]
+        row = (pid_b * N + i.to(tl.int64)) * S
+        t = tl.load(t_ptr + row[:, None] + s[None, :], mask=m2, other=0.0)
+        a = tl.where(total[:, None] > 0.0, t / tl.where(total > 0.0, total, 1.0)[:, None], 0.0)
+        a = tl.where(present[:, None], a, -1.0)  # a removed input loses to any present one
+        a = tl.where(i_ok[:, None], a, -2.0)
+        best = tl.max(a, axis=0)
+        win = tl.min(tl.where(a == best[None, :], i[:, None], NP), axis=0)  # first maximum
+
+        bits = tl.load(mask_ptr + pid_b * S + s, mask=s_ok, other=0)
+        lo = tl.minimum(i[:, None], win[None, :])
+        hi = tl.maximum(i[:, None], win[None, :])
+        is_win = i[:, None] == win[None, :]
+        correlated = ((bits[None, :] >> tl.maximum(_pair_bit(lo, hi, N), 0)) & 1) == 1
+        # [NP, BS]; pairs with a removed input carry no bit
+        member = is_win | (~is_win & correlated & i_ok[:, None])
+
+        if INFO:
+            tl.store(winner_ptr + pid_b * S + s, win.to(tl.int64), mask=s_ok)
+            m_ptr = members_ptr + (i.to(tl.int64)[:, None] * (B * S) + pid_b * S + s[None, :])
+            tl.store(m_ptr, member.to(tl.int8), mask=m2)
+
+        todo = s_ok & ((bits & EARLY_MARK) == 0)  # sites pass 1 did not write
+        if tl.max(todo.to(tl.int32), axis=0) > 0:
+            cc = tl.arange(0, BLOCK_C)
+            count = tl.sum(member.to(tl.float32), axis=0)  # >= 1
+            x_base = _pick(i, x0, x1, x2, x3, x4, x5, x6, x7, N) + pid_b * stride_xb
+            x_site = _site_offsets(s, inner, stride_xs0, stride_xs1, TWO_RUNS)
+            o_base = _pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
+            o_site = _site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
+            if UNMERGE:
+                sd = tl.sqrt(t) if USE_VARIANCE else t
+                sd_w = tl.sum(tl.where(is_win, sd, 0.0), axis=0)
+                factor = tl.where(sd_w[None, :] > 0.0,
+                                  sd / tl.where(sd_w > 0.0, sd_w, 1.0)[None, :], 1.0)
+                factor = tl.where(present[:, None], factor, 0.0)  # removed streams get 0
+            for c0 in range(0, C, BLOCK_C):
+                ch = c0 + cc
+                c_ok = (ch < C)[:, None] & todo[None, :]
+                m3 = member[:, None, :] & c_ok[None, :, :]
+                ptr = (x_base[:, None, None] + ch.to(tl.int64)[None, :, None] * stride_xc
+                       + x_site[None, None, :])
+                x = tl.load(ptr, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
+                out = tl.sum(x, axis=0) / count[None, :]
+                o_off = ch.to(tl.int64)[:, None] * stride_oc + o_site[None, :]
+                if UNMERGE:
+                    x_w = tl.sum(tl.where(is_win[:, None, :], x, 0.0), axis=0)
+                    g = tl.where(member[:, None, :], out[None, :, :],
+                                 factor[:, None, :] * x_w[None, :, :])
+                    tl.store(o_base[:, None, None] + o_off[None, :, :],
+                             g.to(o0.dtype.element_ty),
+                             mask=i_ok[:, None, None] & c_ok[None, :, :])
+                else:
+                    tl.store(o0 + pid_b * stride_ob + o_off, out.to(o0.dtype.element_ty),
+                             mask=c_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. launcher
+# ----------------------------------------------------------------------------------------
+
+_GRAM_BUDGET = 8192  # NP*NP*BLOCK_C*BLOCK_S: fp32 Gram products live per program and chunk
+_TILE_BUDGET = 4096  # NP*BLOCK_C*BLOCK_S for the passes without a Gram matrix
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def pick_tiles(n_pad: int, channels: int, sites: int, channel_contiguous: bool,
+               budget: int) -> tuple[int, int]:
+    """``(BLOCK_C, BLOCK_S)`` for ``n_pad`` (power of two) inputs.
+
+    The contiguous axis gets the long side of the tile (coalesced loads); the other side fills
+    the register budget. Both are powers of two, no larger than the extent they cover.
+    """
+    long_side = 128 if n_pad <= 2 else 64 if n_pad <= 4 else 32
+    if channel_contiguous:
+        bc = min(_next_pow2(channels), long_side)
+        bs = max(1, min(_next_pow2(sites), budget // (n_pad * bc)))
+    else:
+        bs = min(_next_pow2(sites), long_side)
+        bc = max(1, min(_next_pow2(channels), budget // (n_pad * bs)))
+    return bc, bs
+
+
+def _as_kernel_inputs(feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs sharing input 0's strides (read in place); any other one is copied to match."""
+    f0 = feats[0]
+    same = all(f.stride() == f0.stride() for f in feats[1:])
+    if same:
+        return feats
+    dense = f0.is_non_overlapping_and_dense()
+    ref = f0 if dense else f0.contiguous()
+    return [f if f.stride() == ref.stride() else torch.empty_like(ref).copy_(f) for f in feats]
+
+
+def _fuse_triton(
+    feats: list[torch.Tensor], opt: FuseOptions, return_info: bool
+) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    n = len(feats)
+    feats = _as_kernel_inputs(feats)
+    f0 = feats[0]
+    cd = opt.channel_dim
+    n_out = n if opt.unmerge else 1
+    outs = [torch.empty_like(f0) for _ in range(n_out)]
+    lay = site_layout(f0, outs[0], cd)
+    if lay is None:  # site dims too scattered for two strided runs: read a contiguous copy
+        feats = [f.contiguous() for f in feats]
+        outs = [torch.empty_like(feats[0]) for _ in range(n_out)]
+        lay = site_layout(feats[0], outs[0], cd)
+        assert lay is not None
+    moved = f0.movedim(cd, 1).shape
+    b, s_count = lay.batch, lay.sites
+    info_winner = f0.new_empty((b, s_count), dtype=torch.int64) if return_info else None
+    info_members = (f0.new_empty((n, b, s_count), dtype=torch.bool) if return_info else None)
+    if b * s_count == 0:  # nothing to fuse: empty outputs, nothing launched
+        return outs, _info_view(info_winner, moved), _info_view(info_members, moved, n)
+
+    n_pad = _next_pow2(n)
+    channel_contiguous = lay.in_strides[1] == 1
+    bc1, bs1 = pick_tiles(n_pad, lay.channels, s_count, channel_contiguous,
+                          _GRAM_BUDGET // n_pad)
+    bc2, bs2 = pick_tiles(n_pad, lay.channels, s_count, channel_contiguous, _TILE_BUDGET)
+    n_blocks = triton.cdiv(s_count, bs1)
+    dev = f0.device
+    t_buf = torch.empty((b, n, s_count), dtype=torch.float32, device=dev)
+    mask_buf = torch.empty((b, s_count), dtype=torch.int32, device=dev)
+    part_buf = torch.empty((b, n, n_blocks), dtype=torch.float32, device=dev)
+
+    xs = [feats[i] if i < n else feats[0] for i in range(MAX_INPUTS)]
+    os_ = [outs[i] if i < n_out else outs[0] for i in range(MAX_INPUTS)]
+    weights = list(opt.weights) if opt.weights is not None else [1.0] * n
+    ws = [weights[i] if i < n else 1.0 for i in range(MAX_INPUTS)]
+    common = dict(N=n, NP=n_pad, UNMERGE=opt.unmerge, TWO_RUNS=lay.two_runs, num_warps=4)
+
+    wrap = torch.library.wrap_triton
+    wrap(_stats_kernel)[(n_blocks, b)](
+        *xs, *os_, t_buf, mask_buf, part_buf, *ws,
+        opt.threshold, lay.channels, s_count, lay.inner, n_blocks,
+        *lay.in_strides, *lay.out_strides,
+        PEARSON=opt.pearson, USE_VARIANCE=opt.use_variance,
+        BLOCK_C=bc1, BLOCK_S=bs1, **common,
+    )
+    wrap(_finish_kernel)[(triton.cdiv(s_count, bs2), b)](
+        *xs, *os_, t_buf, mask_buf, part_buf,
+        info_winner if return_info else t_buf, info_members if return_info else t_buf,
+        *ws, lay.channels, s_count, lay.inner, n_blocks, b,
+        *lay.in_strides, *lay.out_strides,
+        USE_VARIANCE=opt.use_variance, BATCH_NORMALIZER=opt.batch_normalizer,
+        INFO=return_info, BLOCK_C=bc2, BLOCK_S=bs2,
+        BLOCK_P=min(_next_pow2(n_blocks), 256), **common,
+    )
+    return outs, _info_view(info_winner, moved), _info_view(info_members, moved, n)
+
+
+def _info_view(t: torch.Tensor | None, moved_shape, n: int | None = None):
+    if t is None:
+        return None
+    sites = tuple(moved_shape[2:])
+    return t.view(moved_shape[0], *sites) if n is None else t.view(n, moved_shape[0], *sites)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. registered op
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("maxfusion::max_fuse", mutates_args=())
+def _max_fuse_op(
+    features: list[torch.Tensor],
+    threshold: float,
+    unmerge: bool,
+    pearson: bool,
+    use_variance: bool,
+    batch_normalizer: bool,
+    weights: list[float],
+    channel_dim: int,
+    return_info: bool,
+    use_triton: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``torch.ops.maxfusion.max_fuse``: the fusion with every option spelled out.
+
+    Returns ``(outputs, winner, members)``; ``winner`` and ``members`` are empty tensors unless
+    ``return_info``. ``use_triton`` picks the Triton kernels (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``) over the vectorised torch path, which is also the CPU kernel
+    ``torch.compile`` traces without a GPU.
+    """
+    opt = FuseOptions(
+        threshold=threshold,
+        unmerge=unmerge,
+        correlation="pearson" if pearson else "cosine",
+        saliency="variance" if use_variance else "std",
+        normalize="batch" if batch_normalizer else "sample",
+        weights=None if all(w == 1.0 for w in weights) else tuple(weights),
+        channel_dim=channel_dim,
+    )
+    impl = _fuse_triton if use_triton else fuse_torch
+    outs, winner, members = impl(list(features), opt, return_info)
+    if winner is None or members is None:
+        winner = features[0].new_empty((0,), dtype=torch.int64)
+        members = features[0].new_empty((0,), dtype=torch.bool)
+    return outs, winner, members
+
+
+# ----------------------------------------------------------------------------------------
+# 4. public function
+# ----------------------------------------------------------------------------------------
+
+
+def interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set, so Triton kernels run on CPU tensors."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_backend(device: torch.device, backend: str = "auto") -> str:
+    """The backend ``max_fuse`` uses for tensors on ``device``: ``"triton"`` or ``"torch"``.
+
+    ``"auto"``: CUDA tensors use the Triton kernels; CPU tensors use them when
+    ``TRITON_INTERPRET=1`` is set (outside ``torch.compile``), else the torch path.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    on_gpu = device.type == "cuda"
+    interp = device.type == "cpu" and interpreter_enabled()
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not (on_gpu or interp):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                f"the features are on {device}"
+            )
+        return "triton"
+    if HAS_TRITON and (on_gpu or (interp and not torch.compiler.is_compiling())):
+        return "triton"
+    return "torch"
+
+
+def max_fuse(
+    features: Sequence[torch.Tensor],
+    *,
+    threshold: float = 0.7,
+    unmerge: bool = False,
+    preset: str = "paper",
+    correlation: str | None = None,
+    saliency: str | None = None,
+    normalize: str | None = None,
+    weights: Sequence[float] | None = None,
+    channel_dim: int = 1,
+    return_info: bool = False,
+    backend: str = "auto",
+):
+    """Fuse N feature tensors of one shape with MaxFusion (SPEC.md).
+
+    Args:
+        features: N tensors (2 <= N <= 8) of identical shape, dtype (float16, bfloat16, float32
+            or float64) and device. Dim 0 is the batch, ``channel_dim`` the channels (C >= 2),
+            every other dim indexes sites: ``[B, C, H, W]``, ``[B, C, T, H, W]``, ``[B, L, C]``
+            with ``channel_dim=-1``, any strides (channels-last and strided views are read in
+            place).
+        threshold: inputs whose correlation with the winner is ``> threshold`` are averaged
+            with it; a float in [-1, 1].
+        unmerge: return one tensor per input (the paper's inter-model unmerging) instead of one
+            merged tensor.
+        preset: ``"paper"`` (cosine, std, sample) or ``"reference"`` (pearson, variance, batch:
+            the authors' released code); ``correlation``, ``saliency``, ``normalize`` override
+            its parts.
+        weights: N floats >= 0 applied to the inputs first (a diffusers conditioning scale);
+            a weight of 0 removes the input (never the winner nor a group member; its unmerge
+            stream is zero).
+        return_info: also return a :class:`FuseInfo` with the winner ``[B, *sites]`` (int64)
+            and the group ``[N, B, *sites]`` (bool).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`choose_backend`).
+
+    Returns:
+        The fused tensor (merge) or a list of N tensors (unmerge), with the shape and dtype of
+        the inputs; with ``return_info``, ``(result, info)``. Statistics are float32 (float64
+        for float64 inputs with the torch path). Inference only: no gradient is defined.
+
+    Raises:
+        TypeError, ValueError: naming the argument and the problem (see docs/api.md).
+    """
+    feats = check_features(features)
+    opt = resolve_options(
+        feats, threshold=threshold, unmerge=unmerge, preset=preset, correlation=correlation,
+        saliency=saliency, normalize=normalize, weights=weights, channel_dim=channel_dim,
+    )
+    use_triton = choose_backend(feats[0].device, backend) == "triton"
+    n = len(feats)
+    outs, winner, members = torch.ops.maxfusion.max_fuse(
+        feats, opt.threshold, opt.unmerge, opt.pearson, opt.use_variance,
+        opt.batch_normalizer, list(opt.weights) if opt.weights is not None else [1.0] * n,
+        opt.channel_dim, return_info, use_triton,
+    )
+    result = list(outs) if opt.unmerge else outs[0]
+    if return_info:
+        return result, FuseInfo(winner=winner, members=members)
+    return result

@@ -1,0 +1,86 @@
+"""The executable specification: every formula of SPEC.md in plain PyTorch.
+
+Short and readable on purpose; it is what the tests and benchmarks compare against. It computes
+in ``dtype`` (float64 by default) and returns tensors of that dtype. It is not fast and stacks
+the inputs into one temporary; use :func:`maxfusion_kernels.max_fuse` for real work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .options import FuseInfo, check_features, resolve_options
+
+
+def max_fuse(
+    features: Sequence[torch.Tensor],
+    *,
+    threshold: float = 0.7,
+    unmerge: bool = False,
+    preset: str = "paper",
+    correlation: str | None = None,
+    saliency: str | None = None,
+    normalize: str | None = None,
+    weights: Sequence[float] | None = None,
+    channel_dim: int = 1,
+    return_info: bool = False,
+    dtype: torch.dtype = torch.float64,
+):
+    """MaxFusion of N same-shape feature tensors, written straight from SPEC.md.
+
+    Same arguments and results as :func:`maxfusion_kernels.max_fuse`, except that everything is
+    computed in ``dtype`` and the results have that dtype.
+    """
+    feats = check_features(features)
+    opt = resolve_options(
+        feats, threshold=threshold, unmerge=unmerge, preset=preset, correlation=correlation,
+        saliency=saliency, normalize=normalize, weights=weights, channel_dim=channel_dim,
+    )
+    n = len(feats)
+    # [N, B, *sites, C]: channels last, so every statistic is a reduction over dim -1
+    x = torch.stack([f.to(dtype).movedim(opt.channel_dim, -1) for f in feats])
+    w = torch.tensor(opt.weights if opt.weights is not None else [1.0] * n, dtype=dtype)
+    w = w.to(x.device).view(n, *[1] * (x.dim() - 1))
+    x = x * w  # weights act on the inputs before anything else
+    removed = (w == 0).view(n, *[1] * (x.dim() - 2))  # a weight of 0 removes the input
+
+    var = x.var(dim=-1, unbiased=True)  # [N, B, *sites]
+    std = var.sqrt()
+
+    y = x - x.mean(dim=-1, keepdim=True) if opt.pearson else x
+    norm = y.norm(dim=-1)
+    dot = torch.einsum("i...c,j...c->ij...", y, y)
+    denom = norm[:, None] * norm[None, :]
+    corr = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1), 0)  # [N, N, B, *sites]
+
+    t = var if opt.use_variance else std
+    site_dims = tuple(range(2, t.dim()))
+    total = t.sum(dim=site_dims, keepdim=True)  # per sample: [N, B, 1, ..]
+    if opt.batch_normalizer:
+        total = total.sum(dim=1, keepdim=True)  # over the whole batch
+    a = torch.where(total > 0, t / torch.where(total > 0, total, 1), 0)
+    a = torch.where(removed, -1.0, a)  # a removed input never wins over a present one
+    winner = a.argmax(dim=0)  # the first (smallest) index among the maxima
+
+    idx = torch.arange(n, device=x.device).view(n, *[1] * winner.dim())
+    is_winner = idx == winner
+    corr_to_winner = torch.gather(corr, 1, winner.expand(n, *winner.shape)[:, None])[:, 0]
+    members = is_winner | ((corr_to_winner > opt.threshold) & ~removed)
+
+    m = members.to(dtype)[..., None]
+    out = (m * x).sum(dim=0) / m.sum(dim=0)
+
+    if opt.unmerge:
+        x_w = (is_winner.to(dtype)[..., None] * x).sum(dim=0)
+        s_w = (is_winner.to(dtype) * std).sum(dim=0)
+        factor = torch.where(s_w > 0, std / torch.where(s_w > 0, s_w, 1), 1.0)
+        factor = torch.where(removed, 0.0, factor)  # a removed stream gets zeros
+        g = torch.where(members[..., None], out, factor[..., None] * x_w)
+        result = [gi.movedim(-1, opt.channel_dim) for gi in g]
+    else:
+        result = out.movedim(-1, opt.channel_dim)
+    if return_info:
+        return result, FuseInfo(winner=winner, members=members)
+    return result

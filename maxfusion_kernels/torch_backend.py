@@ -1,0 +1,90 @@
+"""The vectorised PyTorch path: MaxFusion on any device without Triton.
+
+This is the CPU implementation of the registered op (so ``torch.compile`` works without a GPU)
+and the ``backend="torch"`` choice of :func:`maxfusion_kernels.max_fuse`. Statistics are
+computed in float32 (float64 for float64 inputs). It has no data-dependent control flow, so it
+traces into a single graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import FuseOptions
+
+
+def fuse_torch(
+    feats: list[torch.Tensor], opt: FuseOptions, return_info: bool
+) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """Fuse checked ``feats`` with resolved ``opt``.
+
+    Returns ``(outputs, winner, members)``: one output (merge) or N (unmerge), each shaped and
+    laid out like ``feats[0]`` in its dtype; ``winner`` ``[B, *sites]`` int64 and ``members``
+    ``[N, B, *sites]`` bool when ``return_info`` (else ``None``).
+    """
+    n = len(feats)
+    f0 = feats[0]
+    cd = opt.channel_dim
+    acc = torch.float64 if f0.dtype == torch.float64 else torch.float32
+    moved_shape = f0.movedim(cd, 1).shape  # [B, C, *sites]
+    b, c = moved_shape[0], moved_shape[1]
+    site_shape = moved_shape[2:]
+    weights = opt.weights if opt.weights is not None else (1.0,) * n
+    present = torch.tensor([wi != 0 for wi in weights], device=f0.device)[:, None, None]
+
+    # [N, B, C, S] in the accumulation dtype, the weights applied first
+    x = torch.stack([f.movedim(cd, 1).reshape(b, c, -1).to(acc) for f in feats])
+    if opt.weights is not None:
+        x = x * torch.tensor(weights, dtype=acc, device=f0.device)[:, None, None, None]
+
+    # --- per-site statistics -------------------------------------------------------------
+    var, mean = torch.var_mean(x, dim=2)  # [N, B, S]
+    std = var.sqrt()
+    y = x - mean[:, :, None] if opt.pearson else x
+    gram = torch.einsum("ibcs,jbcs->ijbs", y, y)  # [N, N, B, S]
+    norm = torch.diagonal(gram, dim1=0, dim2=1).movedim(-1, 0).clamp_min(0).sqrt()
+    denom = norm[:, None] * norm[None, :]
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    corr = torch.where(denom > 0, gram / safe, torch.zeros_like(gram))
+
+    # --- normalised saliency and the winner ----------------------------------------------
+    t = var if opt.use_variance else std
+    total = t.sum(dim=2, keepdim=True)  # [N, B, 1]
+    if opt.batch_normalizer:
+        total = total.sum(dim=1, keepdim=True)
+    a = torch.where(total > 0, t / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+    a = torch.where(present, a, -1.0)
+    winner = torch.argmax(a, dim=0)  # [B, S], first index among equal maxima
+
+    idx = torch.arange(n, device=f0.device)[:, None, None]
+    is_winner = idx == winner
+    corr_w = torch.gather(corr, 1, winner.expand(n, b, -1)[:, None])[:, 0]  # [N, B, S]
+    members = is_winner | ((corr_w > opt.threshold) & present)
+
+    # --- the fused output ------------------------------------------------------------------
+    m = members.to(acc)
+    out = torch.einsum("ibs,ibcs->bcs", m, x) / m.sum(dim=0)[:, None]
+    if opt.unmerge:
+        wf = is_winner.to(acc)
+        x_w = torch.einsum("ibs,ibcs->bcs", wf, x)
+        s_w = (wf * std).sum(dim=0)
+        factor = torch.where(s_w > 0, std / torch.where(s_w > 0, s_w, torch.ones_like(s_w)), 1.0)
+        factor = torch.where(present, factor, 0.0)
+        g = torch.where(members[:, :, None], out, factor[:, :, None] * x_w)
+        results = [_restore(gi, f0, moved_shape, cd) for gi in g]
+    else:
+        results = [_restore(out, f0, moved_shape, cd)]
+    if not return_info:
+        return results, None, None
+    return (
+        results,
+        winner.reshape(b, *site_shape),
+        members.reshape(n, b, *site_shape),
+    )
+
+
+def _restore(y: torch.Tensor, like: torch.Tensor, moved_shape, cd: int) -> torch.Tensor:
+    """``[B, C, S]`` back to the layout and dtype of ``like``."""
+    out = torch.empty_like(like)
+    out.copy_(y.reshape(moved_shape).movedim(1, cd))
+    return out
