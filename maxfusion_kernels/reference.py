@@ -8,6 +8,7 @@ the inputs into one temporary; use :func:`maxfusion_kernels.max_fuse` for real w
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -38,30 +39,9 @@ def max_fuse(
         feats, threshold=threshold, unmerge=unmerge, preset=preset, correlation=correlation,
         saliency=saliency, normalize=normalize, weights=weights, channel_dim=channel_dim,
     )
+    x, removed, stats = _prepare(feats, opt, dtype)
     n = len(feats)
-    # [N, B, *sites, C]: channels last, so every statistic is a reduction over dim -1
-    x = torch.stack([f.to(dtype).movedim(opt.channel_dim, -1) for f in feats])
-    w = torch.tensor(opt.weights if opt.weights is not None else [1.0] * n, dtype=dtype)
-    w = w.to(x.device).view(n, *[1] * (x.dim() - 1))
-    x = x * w  # weights act on the inputs before anything else
-    removed = (w == 0).view(n, *[1] * (x.dim() - 2))  # a weight of 0 removes the input
-
-    var = x.var(dim=-1, unbiased=True)  # [N, B, *sites]
-    std = var.sqrt()
-
-    y = x - x.mean(dim=-1, keepdim=True) if opt.pearson else x
-    norm = y.norm(dim=-1)
-    dot = torch.einsum("i...c,j...c->ij...", y, y)
-    denom = norm[:, None] * norm[None, :]
-    corr = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1), 0)  # [N, N, B, *sites]
-
-    t = var if opt.use_variance else std
-    site_dims = tuple(range(2, t.dim()))
-    total = t.sum(dim=site_dims, keepdim=True)  # per sample: [N, B, 1, ..]
-    if opt.batch_normalizer:
-        total = total.sum(dim=1, keepdim=True)  # over the whole batch
-    a = torch.where(total > 0, t / torch.where(total > 0, total, 1), 0)
-    a = torch.where(removed, -1.0, a)  # a removed input never wins over a present one
+    std, corr, a = stats.std, stats.corr, stats.saliency
     winner = a.argmax(dim=0)  # the first (smallest) index among the maxima
 
     idx = torch.arange(n, device=x.device).view(n, *[1] * winner.dim())
@@ -84,3 +64,53 @@ def max_fuse(
     if return_info:
         return result, FuseInfo(winner=winner, members=members)
     return result
+
+
+@dataclass
+class SiteStatistics:
+    """Per-site statistics of SPEC.md, sites indexed ``[B, *sites]`` (channels reduced)."""
+
+    var: torch.Tensor  # [N, B, *sites] unbiased variance over the channels
+    std: torch.Tensor  # [N, B, *sites]
+    corr: torch.Tensor  # [N, N, B, *sites] correlation of every pair (0 for a zero denominator)
+    saliency: torch.Tensor  # [N, B, *sites] a_i = t_i / T_i; -1 for a removed input
+
+
+def site_statistics(features: Sequence[torch.Tensor], *, dtype=torch.float64, **options):
+    """The per-site statistics :func:`max_fuse` decides from (same options), for tests that
+    need to know how close a decision was to a tie."""
+    feats = check_features(features)
+    options.pop("unmerge", None)
+    options.pop("return_info", None)
+    opt = resolve_options(feats, **options)
+    return _prepare(feats, opt, dtype)[2]
+
+
+def _prepare(feats, opt, dtype):
+    """Weighted inputs ``[N, B, *sites, C]``, the removed mask and the site statistics."""
+    n = len(feats)
+    # channels last, so every statistic is a reduction over dim -1
+    x = torch.stack([f.to(dtype).movedim(opt.channel_dim, -1) for f in feats])
+    w = torch.tensor(opt.weights if opt.weights is not None else [1.0] * n, dtype=dtype)
+    w = w.to(x.device).view(n, *[1] * (x.dim() - 1))
+    x = x * w  # weights act on the inputs before anything else
+    removed = (w == 0).view(n, *[1] * (x.dim() - 2))  # a weight of 0 removes the input
+
+    var = x.var(dim=-1, unbiased=True)  # [N, B, *sites]
+    std = var.sqrt()
+
+    y = x - x.mean(dim=-1, keepdim=True) if opt.pearson else x
+    norm = y.norm(dim=-1)
+    dot = torch.einsum("i...c,j...c->ij...", y, y)
+    denom = norm[:, None] * norm[None, :]
+    corr = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1), 0)
+
+    t = var if opt.use_variance else std
+    site_dims = tuple(range(2, t.dim()))
+    # per sample: [N, B, 1, ..] (with no site dim, a sample's total is its one site)
+    total = t.sum(dim=site_dims, keepdim=True) if site_dims else t
+    if opt.batch_normalizer:
+        total = total.sum(dim=1, keepdim=True)  # over the whole batch
+    a = torch.where(total > 0, t / torch.where(total > 0, total, 1), 0)
+    a = torch.where(removed, -1.0, a)  # a removed input never wins over a present one
+    return x, removed, SiteStatistics(var=var, std=std, corr=corr, saliency=a)

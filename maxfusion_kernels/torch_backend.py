@@ -32,8 +32,11 @@ def fuse_torch(
     weights = opt.weights if opt.weights is not None else (1.0,) * n
     present = torch.tensor([wi != 0 for wi in weights], device=f0.device)[:, None, None]
 
+    n_sites = 1
+    for size in site_shape:
+        n_sites *= size
     # [N, B, C, S] in the accumulation dtype, the weights applied first
-    x = torch.stack([f.movedim(cd, 1).reshape(b, c, -1).to(acc) for f in feats])
+    x = torch.stack([f.movedim(cd, 1).reshape(b, c, n_sites).to(acc) for f in feats])
     if opt.weights is not None:
         x = x * torch.tensor(weights, dtype=acc, device=f0.device)[:, None, None, None]
 

@@ -1,5 +1,5 @@
 """The registered ops, one file each: kernels, launcher, op and public function."""
 
-from .max_fuse import choose_backend, max_fuse
+from .fuse import choose_backend, max_fuse
 
 __all__ = ["choose_backend", "max_fuse"]

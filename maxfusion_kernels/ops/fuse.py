@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 
 from ..layout import site_layout
-from ..options import MAX_INPUTS, FuseInfo, FuseOptions, check_features, resolve_options
 from ..options import BACKENDS as _BACKENDS
+from ..options import MAX_INPUTS, FuseInfo, FuseOptions, check_features, resolve_options
 from ..torch_backend import fuse_torch
 
 try:  # Triton is optional: without it only the torch path runs
@@ -74,6 +74,14 @@ if HAS_TRITON:
             return s * stride_outer
 
     @triton.jit
+    def _values(ptr, mask, w, F64: tl.constexpr):
+        """Weighted input values for an output: float64 for float64 inputs, else float32."""
+        if F64:
+            return tl.load(ptr, mask=mask, other=0.0).to(tl.float64) * w.to(tl.float64)
+        else:
+            return tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * w
+
+    @triton.jit
     def _pair_bit(lo, hi, N: tl.constexpr):
         """Bit index of the pair ``lo < hi`` in the packed upper triangle (< 28 for N <= 8)."""
         return lo * N - (lo * (lo + 1)) // 2 + (hi - lo - 1)
@@ -89,7 +97,8 @@ if HAS_TRITON:
         stride_ob, stride_oc, stride_os0, stride_os1,
         N: tl.constexpr, NP: tl.constexpr,
         PEARSON: tl.constexpr, USE_VARIANCE: tl.constexpr, UNMERGE: tl.constexpr,
-        TWO_RUNS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+        TWO_RUNS: tl.constexpr, F64: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
@@ -160,7 +169,7 @@ if HAS_TRITON:
                 m3 = present[:, None, None] & c_ok[None, :, :]
                 ptr = (x_base[:, None, None] + ch.to(tl.int64)[None, :, None] * stride_xc
                        + x_site[None, None, :])
-                x = tl.load(ptr, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
+                x = _values(ptr, m3, w[:, None, None], F64)
                 out = tl.sum(x, axis=0) / count
                 o_off = ch.to(tl.int64)[:, None] * stride_oc + o_site[None, :]
                 if UNMERGE:
@@ -183,7 +192,7 @@ if HAS_TRITON:
         stride_ob, stride_oc, stride_os0, stride_os1,
         N: tl.constexpr, NP: tl.constexpr,
         USE_VARIANCE: tl.constexpr, UNMERGE: tl.constexpr, BATCH_NORMALIZER: tl.constexpr,
-        TWO_RUNS: tl.constexpr, INFO: tl.constexpr,
+        TWO_RUNS: tl.constexpr, INFO: tl.constexpr, F64: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
@@ -253,7 +262,7 @@ if HAS_TRITON:
                 m3 = member[:, None, :] & c_ok[None, :, :]
                 ptr = (x_base[:, None, None] + ch.to(tl.int64)[None, :, None] * stride_xc
                        + x_site[None, None, :])
-                x = tl.load(ptr, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
+                x = _values(ptr, m3, w[:, None, None], F64)
                 out = tl.sum(x, axis=0) / count[None, :]
                 o_off = ch.to(tl.int64)[:, None] * stride_oc + o_site[None, :]
                 if UNMERGE:
@@ -303,14 +312,17 @@ def _as_kernel_inputs(feats: list[torch.Tensor]) -> list[torch.Tensor]:
     same = all(f.stride() == f0.stride() for f in feats[1:])
     if same:
         return feats
-    dense = f0.is_non_overlapping_and_dense()
-    ref = f0 if dense else f0.contiguous()
-    return [f if f.stride() == ref.stride() else torch.empty_like(ref).copy_(f) for f in feats]
+    like = torch.empty_like(f0)  # keeps input 0's strides when it is dense, else contiguous
+    if like.stride() != f0.stride():
+        return [f.contiguous() for f in feats]
+    return [f if f.stride() == like.stride() else torch.empty_like(f0).copy_(f) for f in feats]
 
 
 def _fuse_triton(
-    feats: list[torch.Tensor], opt: FuseOptions, return_info: bool
+    feats: list[torch.Tensor], opt: FuseOptions, return_info: bool, launch: bool = True
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """Allocate the results and launch the two passes (``launch=False``: allocate only, for
+    the fake implementation of the interpreted op)."""
     n = len(feats)
     feats = _as_kernel_inputs(feats)
     f0 = feats[0]
@@ -327,7 +339,7 @@ def _fuse_triton(
     b, s_count = lay.batch, lay.sites
     info_winner = f0.new_empty((b, s_count), dtype=torch.int64) if return_info else None
     info_members = (f0.new_empty((n, b, s_count), dtype=torch.bool) if return_info else None)
-    if b * s_count == 0:  # nothing to fuse: empty outputs, nothing launched
+    if b * s_count == 0 or not launch:  # nothing to fuse: empty outputs, nothing launched
         return outs, _info_view(info_winner, moved), _info_view(info_members, moved, n)
 
     n_pad = _next_pow2(n)
@@ -345,7 +357,8 @@ def _fuse_triton(
     os_ = [outs[i] if i < n_out else outs[0] for i in range(MAX_INPUTS)]
     weights = list(opt.weights) if opt.weights is not None else [1.0] * n
     ws = [weights[i] if i < n else 1.0 for i in range(MAX_INPUTS)]
-    common = dict(N=n, NP=n_pad, UNMERGE=opt.unmerge, TWO_RUNS=lay.two_runs, num_warps=4)
+    common = dict(N=n, NP=n_pad, UNMERGE=opt.unmerge, TWO_RUNS=lay.two_runs,
+                  F64=f0.dtype == torch.float64, num_warps=4)
 
     wrap = torch.library.wrap_triton
     wrap(_stats_kernel)[(n_blocks, b)](
@@ -379,6 +392,26 @@ def _info_view(t: torch.Tensor | None, moved_shape, n: int | None = None):
 # ----------------------------------------------------------------------------------------
 
 
+def _resolve_op_args(threshold, unmerge, pearson, use_variance, batch_normalizer, weights,
+                     channel_dim) -> FuseOptions:
+    return FuseOptions(
+        threshold=threshold,
+        unmerge=unmerge,
+        correlation="pearson" if pearson else "cosine",
+        saliency="variance" if use_variance else "std",
+        normalize="batch" if batch_normalizer else "sample",
+        weights=None if all(w == 1.0 for w in weights) else tuple(weights),
+        channel_dim=channel_dim,
+    )
+
+
+def _op_results(features, outs, winner, members):
+    if winner is None or members is None:  # the schema returns tensors: empty ones
+        winner = features[0].new_empty((0,), dtype=torch.int64)
+        members = features[0].new_empty((0,), dtype=torch.bool)
+    return outs, winner, members
+
+
 @torch.library.triton_op("maxfusion::max_fuse", mutates_args=())
 def _max_fuse_op(
     features: list[torch.Tensor],
@@ -395,25 +428,46 @@ def _max_fuse_op(
     """``torch.ops.maxfusion.max_fuse``: the fusion with every option spelled out.
 
     Returns ``(outputs, winner, members)``; ``winner`` and ``members`` are empty tensors unless
-    ``return_info``. ``use_triton`` picks the Triton kernels (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``) over the vectorised torch path, which is also the CPU kernel
-    ``torch.compile`` traces without a GPU.
+    ``return_info``. ``use_triton`` picks the Triton kernels over the vectorised torch path,
+    which is also what ``torch.compile`` traces on CPU. On CUDA the kernels are visible to
+    Inductor (``wrap_triton``); on CPU (``TRITON_INTERPRET=1``) they run inside the opaque
+    ``maxfusion::max_fuse_interpreted``, since the interpreter cannot run on traced tensors.
     """
-    opt = FuseOptions(
-        threshold=threshold,
-        unmerge=unmerge,
-        correlation="pearson" if pearson else "cosine",
-        saliency="variance" if use_variance else "std",
-        normalize="batch" if batch_normalizer else "sample",
-        weights=None if all(w == 1.0 for w in weights) else tuple(weights),
-        channel_dim=channel_dim,
-    )
+    if use_triton and features[0].device.type == "cpu":
+        return torch.ops.maxfusion.max_fuse_interpreted(
+            features, threshold, unmerge, pearson, use_variance, batch_normalizer, weights,
+            channel_dim, return_info,
+        )
+    opt = _resolve_op_args(threshold, unmerge, pearson, use_variance, batch_normalizer,
+                           weights, channel_dim)
     impl = _fuse_triton if use_triton else fuse_torch
-    outs, winner, members = impl(list(features), opt, return_info)
-    if winner is None or members is None:
-        winner = features[0].new_empty((0,), dtype=torch.int64)
-        members = features[0].new_empty((0,), dtype=torch.bool)
-    return outs, winner, members
+    return _op_results(features, *impl(list(features), opt, return_info))
+
+
+@torch.library.custom_op("maxfusion::max_fuse_interpreted", mutates_args=())
+def _max_fuse_interpreted(
+    features: list[torch.Tensor],
+    threshold: float,
+    unmerge: bool,
+    pearson: bool,
+    use_variance: bool,
+    batch_normalizer: bool,
+    weights: list[float],
+    channel_dim: int,
+    return_info: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The Triton kernels run by the Triton interpreter on CPU tensors (an opaque op)."""
+    opt = _resolve_op_args(threshold, unmerge, pearson, use_variance, batch_normalizer,
+                           weights, channel_dim)
+    return _op_results(features, *_fuse_triton(list(features), opt, return_info))
+
+
+@_max_fuse_interpreted.register_fake
+def _(features, threshold, unmerge, pearson, use_variance, batch_normalizer, weights,
+      channel_dim, return_info):
+    opt = _resolve_op_args(threshold, unmerge, pearson, use_variance, batch_normalizer,
+                           weights, channel_dim)
+    return _op_results(features, *_fuse_triton(list(features), opt, return_info, launch=False))
 
 
 # ----------------------------------------------------------------------------------------
