@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from maxfusion_kernels.ops import fuse  # noqa: E402
+from maxfusion_kernels.ops._fusion_math import next_pow2, pass_tiles  # noqa: E402
 
 _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
 
@@ -89,9 +90,8 @@ def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     n_ok = 0
     for n, dtype, stat_flags, unmerge, two_runs, chan_contig in variants():
-        n_pad = fuse._next_pow2(n)
-        bc1, bs1 = fuse.pick_tiles(n_pad, 1280, 4096, chan_contig, fuse._GRAM_BUDGET // n_pad)
-        bc2, bs2 = fuse.pick_tiles(n_pad, 1280, 4096, chan_contig, fuse._TILE_BUDGET)
+        n_pad = next_pow2(n)
+        (bc1, bs1), (bc2, bs2) = pass_tiles(n_pad, 1280, 4096, chan_contig)
         common = dict(N=n, NP=n_pad, UNMERGE=unmerge, TWO_RUNS=two_runs, F64=dtype == "float64")
         jobs = [
             (fuse._stats_kernel, dict(common, PEARSON=stat_flags, USE_VARIANCE=stat_flags,

@@ -28,17 +28,21 @@ from ..layout import site_layout
 from ..options import BACKENDS as _BACKENDS
 from ..options import MAX_INPUTS, FuseInfo, FuseOptions, check_features, resolve_options
 from ..torch_backend import fuse_torch
+from ._fusion_math import HAS_TRITON, next_pow2, pass_tiles
 
-try:  # Triton is optional: without it only the torch path runs
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    HAS_TRITON = False
-
-if HAS_TRITON:
-    EARLY_MARK = tl.constexpr(1 << 30)  # pair-mask bit: site already written by pass 1
+    from ._fusion_math import (
+        EARLY_MARK,
+        decide,
+        normaliser,
+        site_offsets,
+        site_stats,
+        unmerge_factor,
+        write_sites,
+    )
 
     # ------------------------------------------------------------------------------------
     # 1. kernels
@@ -65,28 +69,6 @@ if HAS_TRITON:
         return r
 
     @triton.jit
-    def _site_offsets(s, inner, stride_outer, stride_inner, TWO_RUNS: tl.constexpr):
-        """Element offsets (int64) of flat site indices ``s``."""
-        s = s.to(tl.int64)
-        if TWO_RUNS:
-            return (s // inner) * stride_outer + (s % inner) * stride_inner
-        else:
-            return s * stride_outer
-
-    @triton.jit
-    def _values(ptr, mask, w, F64: tl.constexpr):
-        """Weighted input values for an output: float64 for float64 inputs, else float32."""
-        if F64:
-            return tl.load(ptr, mask=mask, other=0.0).to(tl.float64) * w.to(tl.float64)
-        else:
-            return tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * w
-
-    @triton.jit
-    def _pair_bit(lo, hi, N: tl.constexpr):
-        """Bit index of the pair ``lo < hi`` in the packed upper triangle (< 28 for N <= 8)."""
-        return lo * N - (lo * (lo + 1)) // 2 + (hi - lo - 1)
-
-    @triton.jit
     def _stats_kernel(
         x0, x1, x2, x3, x4, x5, x6, x7,
         o0, o1, o2, o3, o4, o5, o6, o7,
@@ -103,83 +85,34 @@ if HAS_TRITON:
         pid_s = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
         i = tl.arange(0, NP)
-        cc = tl.arange(0, BLOCK_C)
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         s_ok = s < S
         i_ok = i < N
         w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
         present = i_ok & (w != 0.0)
-
         x_base = _pick(i, x0, x1, x2, x3, x4, x5, x6, x7, N) + pid_b * stride_xb
-        x_site = _site_offsets(s, inner, stride_xs0, stride_xs1, TWO_RUNS)
-        # shift by each vector's first channel: the sums below stay well conditioned
+        x_site = site_offsets(s, inner, stride_xs0, stride_xs1, TWO_RUNS)
+
+        t, bits = site_stats(x_base, stride_xc, x_site, s_ok, i_ok, w, present, C, threshold,
+                             N, NP, PEARSON, USE_VARIANCE, BLOCK_C, BLOCK_S)
+
         m2 = i_ok[:, None] & s_ok[None, :]
-        k = tl.load(x_base[:, None] + x_site[None, :], mask=m2, other=0.0).to(tl.float32)
-        k = k * w[:, None]
-
-        acc_a = tl.zeros((NP, BLOCK_S), tl.float32)  # sum of shifted values
-        acc_q = tl.zeros((NP, BLOCK_S), tl.float32)  # sum of squared shifted values
-        gram = tl.zeros((NP, NP, BLOCK_S), tl.float32)  # shifted (pearson) or raw (cosine)
-        for c0 in range(0, C, BLOCK_C):
-            ch = c0 + cc
-            m3 = i_ok[:, None, None] & (ch < C)[None, :, None] & s_ok[None, None, :]
-            ptr = (x_base[:, None, None] + ch.to(tl.int64)[None, :, None] * stride_xc
-                   + x_site[None, None, :])
-            x = tl.load(ptr, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
-            xs = tl.where(m3, x - k[:, None, :], 0.0)
-            acc_a += tl.sum(xs, axis=1)
-            acc_q += tl.sum(xs * xs, axis=1)
-            y = xs if PEARSON else x
-            gram += tl.sum(y[:, None, :, :] * y[None, :, :, :], axis=2)
-
-        var = tl.maximum(acc_q - acc_a * acc_a / C, 0.0) / (C - 1)
-        t = var if USE_VARIANCE else tl.sqrt(var)
-        ii = i[:, None, None]
-        jj = i[None, :, None]
-        if PEARSON:
-            gram = gram - acc_a[:, None, :] * acc_a[None, :, :] / C
-        sq = tl.maximum(tl.sum(tl.where(ii == jj, gram, 0.0), axis=1), 0.0)  # [NP, BS]
-        nrm = tl.sqrt(sq)
-        denom = nrm[:, None, :] * nrm[None, :, :]
-        corr = tl.where(denom > 0.0, gram / tl.where(denom > 0.0, denom, 1.0), 0.0)
-
-        # pairs of present inputs, correlated above the threshold, packed into 28 bits
-        pair = (ii < jj) & present[:, None, None] & present[None, :, None]
-        hit = pair & (corr > threshold)
-        bit = _pair_bit(ii, jj, N)
-        bits = tl.sum(tl.sum(tl.where(hit, (bit * 0 + 1) << bit, 0), axis=1), axis=0)
-        # every present pair correlated: the group is all present inputs, whoever wins
-        early = tl.min(tl.min(tl.where(pair & ~hit, 0, 1), axis=1), axis=0) == 1
-        early = early & s_ok
-        bits = bits | tl.where(early, EARLY_MARK, 0)
-
         row = (pid_b * N + i.to(tl.int64)) * S
         tl.store(t_ptr + row[:, None] + s[None, :], t, mask=m2)
         tl.store(mask_ptr + pid_b * S + s, bits, mask=s_ok)
         part = tl.sum(tl.where(m2, t, 0.0), axis=1)
         tl.store(part_ptr + (pid_b * N + i) * n_blocks + pid_s, part, mask=i_ok)
 
+        early = (bits & EARLY_MARK) != 0
         if tl.max(early.to(tl.int32), axis=0) > 0:
-            count = tl.maximum(tl.sum(present.to(tl.float32), axis=0), 1.0)
+            # the group is every present input: write the output now, from the tile just read
             o_base = _pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
-            o_site = _site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
-            for c0 in range(0, C, BLOCK_C):
-                ch = c0 + cc
-                c_ok = (ch < C)[:, None] & early[None, :]
-                m3 = present[:, None, None] & c_ok[None, :, :]
-                ptr = (x_base[:, None, None] + ch.to(tl.int64)[None, :, None] * stride_xc
-                       + x_site[None, None, :])
-                x = _values(ptr, m3, w[:, None, None], F64)
-                out = tl.sum(x, axis=0) / count
-                o_off = ch.to(tl.int64)[:, None] * stride_oc + o_site[None, :]
-                if UNMERGE:
-                    g = tl.where(present[:, None, None], out[None, :, :], 0.0)
-                    tl.store(o_base[:, None, None] + o_off[None, :, :],
-                             g.to(o0.dtype.element_ty),
-                             mask=i_ok[:, None, None] & c_ok[None, :, :])
-                else:
-                    tl.store(o0 + pid_b * stride_ob + o_off, out.to(o0.dtype.element_ty),
-                             mask=c_ok)
+            o_site = site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
+            member = present[:, None] & early[None, :]
+            zero = tl.zeros((NP, BLOCK_S), tl.float32)
+            win = tl.zeros((BLOCK_S,), tl.int32)
+            write_sites(x_base, stride_xc, x_site, o_base, o0 + pid_b * stride_ob, stride_oc,
+                        o_site, early, member, zero, win, w, i_ok, C, UNMERGE, F64, NP, BLOCK_C)
 
     @triton.jit
     def _finish_kernel(
@@ -201,41 +134,18 @@ if HAS_TRITON:
         i_ok = i < N
         w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
         present = i_ok & (w != 0.0)
-
-        # normalisers: the same fixed-order sum in every program (deterministic, no atomics)
-        pp = tl.arange(0, BLOCK_P)
-        acc = tl.zeros((NP, BLOCK_P), tl.float32)
         if BATCH_NORMALIZER:
-            b_lo = 0
-            b_hi = B
+            total = normaliser(part_ptr, 0, B, n_blocks, i_ok, N, NP, BLOCK_P)
         else:
-            b_lo = pid_b
-            b_hi = pid_b + 1
-        for bb in range(b_lo, b_hi):
-            for p0 in range(0, n_blocks, BLOCK_P):
-                p = p0 + pp
-                ptr = part_ptr + (bb * N + i[:, None]) * n_blocks + p[None, :]
-                acc += tl.load(ptr, mask=i_ok[:, None] & (p < n_blocks)[None, :], other=0.0)
-        total = tl.sum(acc, axis=1)  # [NP]
+            total = normaliser(part_ptr, pid_b, pid_b + 1, n_blocks, i_ok, N, NP, BLOCK_P)
 
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         s_ok = s < S
         m2 = i_ok[:, None] & s_ok[None, :]
         row = (pid_b * N + i.to(tl.int64)) * S
         t = tl.load(t_ptr + row[:, None] + s[None, :], mask=m2, other=0.0)
-        a = tl.where(total[:, None] > 0.0, t / tl.where(total > 0.0, total, 1.0)[:, None], 0.0)
-        a = tl.where(present[:, None], a, -1.0)  # a removed input loses to any present one
-        a = tl.where(i_ok[:, None], a, -2.0)
-        best = tl.max(a, axis=0)
-        win = tl.min(tl.where(a == best[None, :], i[:, None], NP), axis=0)  # first maximum
-
         bits = tl.load(mask_ptr + pid_b * S + s, mask=s_ok, other=0)
-        lo = tl.minimum(i[:, None], win[None, :])
-        hi = tl.maximum(i[:, None], win[None, :])
-        is_win = i[:, None] == win[None, :]
-        correlated = ((bits[None, :] >> tl.maximum(_pair_bit(lo, hi, N), 0)) & 1) == 1
-        # [NP, BS]; pairs with a removed input carry no bit
-        member = is_win | (~is_win & correlated & i_ok[:, None])
+        win, member = decide(t, total, bits, present, i_ok, N, NP)
 
         if INFO:
             tl.store(winner_ptr + pid_b * S + s, win.to(tl.int64), mask=s_ok)
@@ -244,66 +154,19 @@ if HAS_TRITON:
 
         todo = s_ok & ((bits & EARLY_MARK) == 0)  # sites pass 1 did not write
         if tl.max(todo.to(tl.int32), axis=0) > 0:
-            cc = tl.arange(0, BLOCK_C)
-            count = tl.sum(member.to(tl.float32), axis=0)  # >= 1
             x_base = _pick(i, x0, x1, x2, x3, x4, x5, x6, x7, N) + pid_b * stride_xb
-            x_site = _site_offsets(s, inner, stride_xs0, stride_xs1, TWO_RUNS)
+            x_site = site_offsets(s, inner, stride_xs0, stride_xs1, TWO_RUNS)
             o_base = _pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
-            o_site = _site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
-            if UNMERGE:
-                sd = tl.sqrt(t) if USE_VARIANCE else t
-                sd_w = tl.sum(tl.where(is_win, sd, 0.0), axis=0)
-                factor = tl.where(sd_w[None, :] > 0.0,
-                                  sd / tl.where(sd_w > 0.0, sd_w, 1.0)[None, :], 1.0)
-                factor = tl.where(present[:, None], factor, 0.0)  # removed streams get 0
-            for c0 in range(0, C, BLOCK_C):
-                ch = c0 + cc
-                c_ok = (ch < C)[:, None] & todo[None, :]
-                m3 = member[:, None, :] & c_ok[None, :, :]
-                ptr = (x_base[:, None, None] + ch.to(tl.int64)[None, :, None] * stride_xc
-                       + x_site[None, None, :])
-                x = _values(ptr, m3, w[:, None, None], F64)
-                out = tl.sum(x, axis=0) / count[None, :]
-                o_off = ch.to(tl.int64)[:, None] * stride_oc + o_site[None, :]
-                if UNMERGE:
-                    x_w = tl.sum(tl.where(is_win[:, None, :], x, 0.0), axis=0)
-                    g = tl.where(member[:, None, :], out[None, :, :],
-                                 factor[:, None, :] * x_w[None, :, :])
-                    tl.store(o_base[:, None, None] + o_off[None, :, :],
-                             g.to(o0.dtype.element_ty),
-                             mask=i_ok[:, None, None] & c_ok[None, :, :])
-                else:
-                    tl.store(o0 + pid_b * stride_ob + o_off, out.to(o0.dtype.element_ty),
-                             mask=c_ok)
+            o_site = site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
+            factor = unmerge_factor(t, win, present, USE_VARIANCE, NP)
+            write_sites(x_base, stride_xc, x_site, o_base, o0 + pid_b * stride_ob, stride_oc,
+                        o_site, todo, member, factor, win, w, i_ok, C, UNMERGE, F64, NP,
+                        BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------------
 # 2. launcher
 # ----------------------------------------------------------------------------------------
-
-_GRAM_BUDGET = 8192  # NP*NP*BLOCK_C*BLOCK_S: fp32 Gram products live per program and chunk
-_TILE_BUDGET = 4096  # NP*BLOCK_C*BLOCK_S for the passes without a Gram matrix
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def pick_tiles(n_pad: int, channels: int, sites: int, channel_contiguous: bool,
-               budget: int) -> tuple[int, int]:
-    """``(BLOCK_C, BLOCK_S)`` for ``n_pad`` (power of two) inputs.
-
-    The contiguous axis gets the long side of the tile (coalesced loads); the other side fills
-    the register budget. Both are powers of two, no larger than the extent they cover.
-    """
-    long_side = 128 if n_pad <= 2 else 64 if n_pad <= 4 else 32
-    if channel_contiguous:
-        bc = min(_next_pow2(channels), long_side)
-        bs = max(1, min(_next_pow2(sites), budget // (n_pad * bc)))
-    else:
-        bs = min(_next_pow2(sites), long_side)
-        bc = max(1, min(_next_pow2(channels), budget // (n_pad * bs)))
-    return bc, bs
 
 
 def _as_kernel_inputs(feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -342,11 +205,8 @@ def _fuse_triton(
     if b * s_count == 0 or not launch:  # nothing to fuse: empty outputs, nothing launched
         return outs, _info_view(info_winner, moved), _info_view(info_members, moved, n)
 
-    n_pad = _next_pow2(n)
-    channel_contiguous = lay.in_strides[1] == 1
-    bc1, bs1 = pick_tiles(n_pad, lay.channels, s_count, channel_contiguous,
-                          _GRAM_BUDGET // n_pad)
-    bc2, bs2 = pick_tiles(n_pad, lay.channels, s_count, channel_contiguous, _TILE_BUDGET)
+    n_pad = next_pow2(n)
+    (bc1, bs1), (bc2, bs2) = pass_tiles(n_pad, lay.channels, s_count, lay.in_strides[1] == 1)
     n_blocks = triton.cdiv(s_count, bs1)
     dev = f0.device
     t_buf = torch.empty((b, n, s_count), dtype=torch.float32, device=dev)
@@ -375,7 +235,7 @@ def _fuse_triton(
         *lay.in_strides, *lay.out_strides,
         USE_VARIANCE=opt.use_variance, BATCH_NORMALIZER=opt.batch_normalizer,
         INFO=return_info, BLOCK_C=bc2, BLOCK_S=bs2,
-        BLOCK_P=min(_next_pow2(n_blocks), 256), **common,
+        BLOCK_P=min(next_pow2(n_blocks), 256), **common,
     )
     return outs, _info_view(info_winner, moved), _info_view(info_members, moved, n)
 
