@@ -6,7 +6,7 @@ initialises no CUDA context and imports no diffusers.
 """
 
 from . import reference
-from .ops import choose_backend, max_fuse
+from .ops import choose_backend, max_fuse, max_fuse_many
 from .options import MAX_INPUTS, PRESETS, FuseInfo
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "FuseInfo",
     "choose_backend",
     "max_fuse",
+    "max_fuse_many",
     "reference",
     "__version__",
 ]

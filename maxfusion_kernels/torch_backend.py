@@ -35,6 +35,12 @@ def fuse_torch(
     n_sites = 1
     for size in site_shape:
         n_sites *= size
+    if b * n_sites == 0:  # nothing to fuse
+        outs = [torch.empty_like(f0) for _ in range(n if opt.unmerge else 1)]
+        if not return_info:
+            return outs, None, None
+        return (outs, f0.new_empty((b, *site_shape), dtype=torch.int64),
+                f0.new_empty((n, b, *site_shape), dtype=torch.bool))
     # [N, B, C, S] in the accumulation dtype, the weights applied first
     x = torch.stack([f.movedim(cd, 1).reshape(b, c, n_sites).to(acc) for f in feats])
     if opt.weights is not None:

@@ -17,7 +17,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from maxfusion_kernels.ops import fuse  # noqa: E402
+from maxfusion_kernels.ops import fuse, fuse_many  # noqa: E402
 from maxfusion_kernels.ops._fusion_math import next_pow2, pass_tiles  # noqa: E402
 
 _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
@@ -31,6 +31,11 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name[0] in "xo" and name[1:].isdigit():
             sig[name] = _PTR[dtype]
+        elif name in ("xs", "os"):  # max_fuse_many: one tuple of pointers for all groups
+            per_group = constexprs["N"] if name == "xs" else constexprs["N_OUT"]
+            sig[name] = (_PTR[dtype],) * (constexprs["G"] * per_group)
+        elif name == "meta":
+            sig[name] = "*i64"
         elif name in ("t_ptr", "part_ptr"):
             sig[name] = "*fp32"
         elif name == "mask_ptr":
@@ -110,6 +115,26 @@ def main() -> int:
             print(f"ok {kernel.__name__} N={n} {dtype} flags={stat_flags} unmerge={unmerge} "
                   f"two_runs={two_runs} chan_contig={chan_contig} tiles={consts['BLOCK_C']}x"
                   f"{consts['BLOCK_S']} regs={regs} spills={spills}")
+            n_ok += 1
+    for g, n, dtype, unmerge in [(13, 2, "float16", False), (10, 3, "bfloat16", True)]:
+        n_pad = next_pow2(n)
+        (bc1, bs1), (bc2, bs2) = pass_tiles(n_pad, 320, 4096, False)
+        common = dict(G=g, GP=next_pow2(g), N=n, NP=n_pad, N_OUT=n if unmerge else 1,
+                      K=fuse_many._COLS, UNMERGE=unmerge, TWO_RUNS=False, F64=False)
+        jobs = [
+            (fuse_many._stats_many_kernel, dict(common, PEARSON=unmerge, USE_VARIANCE=unmerge,
+                                                BLOCK_C=bc1, BLOCK_S=bs1)),
+            (fuse_many._finish_many_kernel, dict(common, USE_VARIANCE=unmerge,
+                                                 BATCH_NORMALIZER=unmerge, INFO=True,
+                                                 BLOCK_C=bc2, BLOCK_S=bs2, BLOCK_P=64)),
+        ]
+        for kernel, consts in jobs:
+            src = ASTSource(fn=kernel, signature=_signature(kernel, dtype, consts),
+                            constexprs=consts)
+            compiled = triton.compile(src, target=target)
+            regs, spills = _ptxas_usage(compiled.asm["ptx"])
+            print(f"ok {kernel.__name__} G={g} N={n} {dtype} unmerge={unmerge} "
+                  f"regs={regs} spills={spills}")
             n_ok += 1
     print(f"compiled {n_ok} kernel variants for sm_90")
     return 0

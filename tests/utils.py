@@ -73,10 +73,17 @@ def check_fusion(features, *, backend: str, max_excluded: float = 0.05, **option
     """
     import maxfusion_kernels as mk
 
+    result, info = mk.max_fuse(features, return_info=True, backend=backend, **options)
+    return compare_with_reference(features, result, info, max_excluded=max_excluded, **options)
+
+
+def compare_with_reference(features, result, info, *, max_excluded: float = 0.05,
+                           **options) -> int:
+    """Compare one fusion's ``result`` and ``info`` with the float64 reference (see
+    ``check_fusion``); returns the number of near-tie sites excluded."""
     threshold = options.get("threshold", 0.7)
     unmerge = options.get("unmerge", False)
     channel_dim = options.get("channel_dim", 1) % features[0].dim()
-    result, info = mk.max_fuse(features, return_info=True, backend=backend, **options)
     ref, info_ref = reference.max_fuse(features, return_info=True, **options)
     opts = {k: v for k, v in options.items() if k not in ("threshold",)}
     ties = tie_sites(features, info_ref, threshold=threshold, **opts).cpu()
