@@ -77,3 +77,37 @@ def test_more_than_2_31_elements():
     # fusing identical inputs is the identity, in every unmerge stream
     for g in mk.max_fuse([f, f], channel_dim=-1, unmerge=True):
         assert torch.equal(g, f)
+
+
+@pytest.mark.parametrize("case", ["sd15_controlnet_512", "sdxl_controlnet_1024",
+                                  "sd15_t2i_adapter_512"])
+@pytest.mark.parametrize("unmerge", [False, True], ids=["merge", "unmerge"])
+def test_max_fuse_many_real_step(case, unmerge):
+    from utils import compare_with_reference
+
+    shapes = TABLE[case]["shapes"]
+    groups = [make_features(s, 2, dtype=torch.float16, device="cuda", seed=k)
+              for k, s in enumerate(shapes)]
+    results, infos = mk.max_fuse_many(groups, unmerge=unmerge, return_info=True)
+    for grp, res, info in zip(groups, results, infos):
+        compare_with_reference(grp, res, info, unmerge=unmerge, max_excluded=0.01)
+
+
+def test_max_fuse_many_two_kernels_and_graph_capture():
+    shapes = TABLE["sd15_controlnet_512"]["shapes"]
+    groups = [make_features(s, 2, dtype=torch.float16, device="cuda", seed=k)
+              for k, s in enumerate(shapes)]
+    expected = mk.max_fuse_many(groups)  # warm-up: compiles, uploads the group table
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        mk.max_fuse_many(groups)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "many_kernel" in e.name]
+    assert len(kernels) == 2, [e.name for e in kernels]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mk.max_fuse_many(groups)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(captured, expected))
