@@ -51,6 +51,9 @@ def max_fuse(
 
     m = members.to(dtype)[..., None]
     out = (m * x).sum(dim=0) / m.sum(dim=0)
+    # a site where a present input's statistic is not finite gives NaN there, and only there
+    poison = (~torch.isfinite(stats.var) & ~removed).any(dim=0)[..., None]
+    out = torch.where(poison, torch.nan, out)
 
     if opt.unmerge:
         x_w = (is_winner.to(dtype)[..., None] * x).sum(dim=0)
@@ -58,6 +61,7 @@ def max_fuse(
         factor = torch.where(s_w > 0, std / torch.where(s_w > 0, s_w, 1), 1.0)
         factor = torch.where(removed, 0.0, factor)  # a removed stream gets zeros
         g = torch.where(members[..., None], out, factor[..., None] * x_w)
+        g = torch.where(poison, torch.nan, g)
         result = [gi.movedim(-1, opt.channel_dim) for gi in g]
     else:
         result = out.movedim(-1, opt.channel_dim)
@@ -93,7 +97,8 @@ def _prepare(feats, opt, dtype):
     x = torch.stack([f.to(dtype).movedim(opt.channel_dim, -1) for f in feats])
     w = torch.tensor(opt.weights if opt.weights is not None else [1.0] * n, dtype=dtype)
     w = w.to(x.device).view(n, *[1] * (x.dim() - 1))
-    x = x * w  # weights act on the inputs before anything else
+    # weights act on the inputs before anything else; a weight of 0 zeroes even inf or NaN
+    x = torch.where(w == 0, 0, x * w)
     removed = (w == 0).view(n, *[1] * (x.dim() - 2))  # a weight of 0 removes the input
 
     var = x.var(dim=-1, unbiased=True)  # [N, B, *sites]
@@ -106,11 +111,14 @@ def _prepare(feats, opt, dtype):
     corr = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1), 0)
 
     t = var if opt.use_variance else std
+    finite = torch.isfinite(t)
+    t_sum = torch.where(finite, t, 0)  # a non-finite site does not touch the normaliser
     site_dims = tuple(range(2, t.dim()))
     # per sample: [N, B, 1, ..] (with no site dim, a sample's total is its one site)
-    total = t.sum(dim=site_dims, keepdim=True) if site_dims else t
+    total = t_sum.sum(dim=site_dims, keepdim=True) if site_dims else t_sum
     if opt.batch_normalizer:
         total = total.sum(dim=1, keepdim=True)  # over the whole batch
     a = torch.where(total > 0, t / torch.where(total > 0, total, 1), 0)
     a = torch.where(removed, -1.0, a)  # a removed input never wins over a present one
+    a = torch.where(~removed & ~finite, -1.5, a)  # nor does a non-finite one
     return x, removed, SiteStatistics(var=var, std=std, corr=corr, saliency=a)

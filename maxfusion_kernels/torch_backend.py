@@ -43,8 +43,9 @@ def fuse_torch(
                 f0.new_empty((n, b, *site_shape), dtype=torch.bool))
     # [N, B, C, S] in the accumulation dtype, the weights applied first
     x = torch.stack([f.movedim(cd, 1).reshape(b, c, n_sites).to(acc) for f in feats])
-    if opt.weights is not None:
-        x = x * torch.tensor(weights, dtype=acc, device=f0.device)[:, None, None, None]
+    if opt.weights is not None:  # a weight of 0 zeroes its input, inf and NaN included
+        wt = torch.tensor(weights, dtype=acc, device=f0.device)[:, None, None, None]
+        x = torch.where(wt == 0, 0, x * wt)
 
     # --- per-site statistics -------------------------------------------------------------
     var, mean = torch.var_mean(x, dim=2)  # [N, B, S]
@@ -58,11 +59,14 @@ def fuse_torch(
 
     # --- normalised saliency and the winner ----------------------------------------------
     t = var if opt.use_variance else std
-    total = t.sum(dim=2, keepdim=True)  # [N, B, 1]
+    finite = torch.isfinite(t)
+    # [N, B, 1]; a non-finite site stays confined to its own output
+    total = torch.where(finite, t, 0.0).sum(dim=2, keepdim=True)
     if opt.batch_normalizer:
         total = total.sum(dim=1, keepdim=True)
     a = torch.where(total > 0, t / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
     a = torch.where(present, a, -1.0)
+    a = torch.where(present & ~finite, -1.5, a)
     winner = torch.argmax(a, dim=0)  # [B, S], first index among equal maxima
 
     idx = torch.arange(n, device=f0.device)[:, None, None]
@@ -73,6 +77,8 @@ def fuse_torch(
     # --- the fused output ------------------------------------------------------------------
     m = members.to(acc)
     out = torch.einsum("ibs,ibcs->bcs", m, x) / m.sum(dim=0)[:, None]
+    poison = (present & ~finite).any(dim=0)[:, None]  # [B, 1, S]
+    out = torch.where(poison, torch.nan, out)
     if opt.unmerge:
         wf = is_winner.to(acc)
         x_w = torch.einsum("ibs,ibcs->bcs", wf, x)
@@ -80,6 +86,7 @@ def fuse_torch(
         factor = torch.where(s_w > 0, std / torch.where(s_w > 0, s_w, torch.ones_like(s_w)), 1.0)
         factor = torch.where(present, factor, 0.0)
         g = torch.where(members[:, :, None], out, factor[:, :, None] * x_w)
+        g = torch.where(poison, torch.nan, g)
         results = [_restore(gi, f0, moved_shape, cd) for gi in g]
     else:
         results = [_restore(out, f0, moved_shape, cd)]

@@ -60,6 +60,23 @@ if HAS_TRITON:
             return s * stride_outer
 
     @triton.jit
+    def is_finite(x):
+        """Not NaN and not infinite (``inf - inf`` and ``nan - nan`` are NaN)."""
+        return (x - x) == 0.0
+
+    @triton.jit
+    def poisoned(t, present):
+        """``[BLOCK_S]``: sites where a present input's statistic is not finite (a NaN or an
+        infinity in its vector, or a float32 overflow): their outputs are NaN."""
+        return tl.max((present[:, None] & ~is_finite(t)).to(tl.int32), axis=0) > 0
+
+    @triton.jit
+    def block_partial(t, m2):
+        """Per row, the block's sum of ``t`` over the finite sites (a non-finite site stays
+        confined to its own output and does not touch the normaliser)."""
+        return tl.sum(tl.where(m2 & is_finite(t), t, 0.0), axis=1)
+
+    @triton.jit
     def pair_bit(lo, hi, N: tl.constexpr):
         """Bit index of the pair ``lo < hi`` in the packed upper triangle (< 28 for N <= 8)."""
         return lo * N - (lo * (lo + 1)) // 2 + (hi - lo - 1)
@@ -94,7 +111,9 @@ if HAS_TRITON:
             y = xs if PEARSON else x
             gram += tl.sum(y[:, None, :, :] * y[None, :, :, :], axis=2)
 
-        var = tl.maximum(acc_q - acc_a * acc_a / C, 0.0) / (C - 1)
+        # clamp rounding below 0, but keep a NaN (a non-finite input): it poisons the site
+        var = tl.maximum(acc_q - acc_a * acc_a / C, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        var = var / (C - 1)
         t = var if USE_VARIANCE else tl.sqrt(var)
         i = tl.arange(0, NP)
         ii = i[:, None, None]
@@ -136,6 +155,7 @@ if HAS_TRITON:
         i = tl.arange(0, NP)
         a = tl.where(total[:, None] > 0.0, t / tl.where(total > 0.0, total, 1.0)[:, None], 0.0)
         a = tl.where(present[:, None], a, -1.0)  # a removed input loses to any present one
+        a = tl.where(present[:, None] & ~is_finite(t), -1.5, a)  # so does a non-finite one
         a = tl.where(i_ok[:, None], a, -2.0)
         best = tl.max(a, axis=0)
         win = tl.min(tl.where(a == best[None, :], i[:, None], NP), axis=0)
@@ -149,11 +169,12 @@ if HAS_TRITON:
 
     @triton.jit
     def write_sites(x_base, stride_xc, x_site, o_base, o_one, stride_oc, o_site, sel, member,
-                    factor, win, w, i_ok, C, UNMERGE: tl.constexpr, F64: tl.constexpr,
+                    factor, win, poison, w, i_ok, C, UNMERGE: tl.constexpr, F64: tl.constexpr,
                     NP: tl.constexpr, BLOCK_C: tl.constexpr):
         """Write the outputs of the sites ``sel`` ``[BLOCK_S]``: the mean of the ``member``
         rows (merge, to ``o_one``), or per row the mean for members and ``factor`` times the
-        winner's vector for the others (unmerge, to ``o_base``). Only members are read."""
+        winner's vector for the others (unmerge, to ``o_base``); NaN at ``poison`` sites.
+        Only members are read."""
         i = tl.arange(0, NP)
         cc = tl.arange(0, BLOCK_C)
         count = tl.sum(member.to(tl.float32), axis=0)
@@ -170,11 +191,13 @@ if HAS_TRITON:
             else:
                 x = tl.load(ptr, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
             out = tl.sum(x, axis=0) / count[None, :]
+            out = tl.where(poison[None, :], float("nan"), out)
             o_off = ch.to(tl.int64)[:, None] * stride_oc + o_site[None, :]
             if UNMERGE:
                 x_w = tl.sum(tl.where(is_win[:, None, :], x, 0.0), axis=0)
                 g = tl.where(member[:, None, :], out[None, :, :],
                              factor[:, None, :] * x_w[None, :, :])
+                g = tl.where(poison[None, None, :], float("nan"), g)
                 tl.store(o_base[:, None, None] + o_off[None, :, :],
                          g.to(o_one.dtype.element_ty),
                          mask=i_ok[:, None, None] & c_ok[None, :, :])

@@ -36,8 +36,10 @@ if HAS_TRITON:
 
     from ._fusion_math import (
         EARLY_MARK,
+        block_partial,
         decide,
         normaliser,
+        poisoned,
         site_offsets,
         site_stats,
         unmerge_factor,
@@ -100,7 +102,7 @@ if HAS_TRITON:
         row = (pid_b * N + i.to(tl.int64)) * S
         tl.store(t_ptr + row[:, None] + s[None, :], t, mask=m2)
         tl.store(mask_ptr + pid_b * S + s, bits, mask=s_ok)
-        part = tl.sum(tl.where(m2, t, 0.0), axis=1)
+        part = block_partial(t, m2)
         tl.store(part_ptr + (pid_b * N + i) * n_blocks + pid_s, part, mask=i_ok)
 
         early = (bits & EARLY_MARK) != 0
@@ -111,8 +113,10 @@ if HAS_TRITON:
             member = present[:, None] & early[None, :]
             zero = tl.zeros((NP, BLOCK_S), tl.float32)
             win = tl.zeros((BLOCK_S,), tl.int32)
+            poison = poisoned(t, present)
             write_sites(x_base, stride_xc, x_site, o_base, o0 + pid_b * stride_ob, stride_oc,
-                        o_site, early, member, zero, win, w, i_ok, C, UNMERGE, F64, NP, BLOCK_C)
+                        o_site, early, member, zero, win, poison, w, i_ok, C, UNMERGE, F64, NP,
+                        BLOCK_C)
 
     @triton.jit
     def _finish_kernel(
@@ -159,8 +163,9 @@ if HAS_TRITON:
             o_base = _pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
             o_site = site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
             factor = unmerge_factor(t, win, present, USE_VARIANCE, NP)
+            poison = poisoned(t, present)
             write_sites(x_base, stride_xc, x_site, o_base, o0 + pid_b * stride_ob, stride_oc,
-                        o_site, todo, member, factor, win, w, i_ok, C, UNMERGE, F64, NP,
+                        o_site, todo, member, factor, win, poison, w, i_ok, C, UNMERGE, F64, NP,
                         BLOCK_C)
 
 

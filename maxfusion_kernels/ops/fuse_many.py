@@ -36,8 +36,10 @@ if HAS_TRITON:
 
     from ._fusion_math import (
         EARLY_MARK,
+        block_partial,
         decide,
         normaliser,
+        poisoned,
         site_offsets,
         site_stats,
         unmerge_factor,
@@ -118,7 +120,7 @@ if HAS_TRITON:
         t_base = t_ptr + N * site_off + (pid_b * N + i.to(tl.int64)) * S
         tl.store(t_base[:, None] + s[None, :], t, mask=m2)
         tl.store(mask_ptr + site_off + pid_b * S + s, bits, mask=s_ok)
-        part = tl.sum(tl.where(m2, t, 0.0), axis=1)
+        part = block_partial(t, m2)
         part_base = part_ptr + tl.load(row + 17)
         tl.store(part_base + (pid_b * N + i) * n_blocks + pid_s, part, mask=i_ok)
 
@@ -131,8 +133,10 @@ if HAS_TRITON:
             member = present[:, None] & early[None, :]
             zero = tl.zeros((NP, BLOCK_S), tl.float32)
             win = tl.zeros((BLOCK_S,), tl.int32)
+            poison = poisoned(t, present)
             write_sites(x_base, stride_xc, x_site, o_base, o_one, tl.load(row + 13), o_site,
-                        early, member, zero, win, w, i_ok, C, UNMERGE, F64, NP, BLOCK_C)
+                        early, member, zero, win, poison, w, i_ok, C, UNMERGE, F64, NP,
+                        BLOCK_C)
 
     @triton.jit
     def _finish_many_kernel(
@@ -197,8 +201,9 @@ if HAS_TRITON:
             o_base = _group_rows(os, g, i, N_OUT, G, NP) + pid_b * stride_ob
             o_one = _group_one(os, g, N_OUT, G) + pid_b * stride_ob
             factor = unmerge_factor(t, win, present, USE_VARIANCE, NP)
+            poison = poisoned(t, present)
             write_sites(x_base, tl.load(row + 9), x_site, o_base, o_one, tl.load(row + 13),
-                        o_site, todo, member, factor, win, w, i_ok, C, UNMERGE, F64, NP,
+                        o_site, todo, member, factor, win, poison, w, i_ok, C, UNMERGE, F64, NP,
                         BLOCK_C)
 
 
