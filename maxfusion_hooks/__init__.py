@@ -1,10 +1,29 @@
-"""maxfusion_hooks: apply MaxFusion inside diffusers pipelines and raw PyTorch control models.
+"""maxfusion_hooks: MaxFusion inside diffusers pipelines and raw PyTorch control models.
 
-The hook layer builds on :mod:`maxfusion_kernels` (never the other way round). Its residual
-and block-level patches are being built (see the project's issues); for now it re-exports the
-kernel entry point so that ``import maxfusion_hooks`` works without diffusers installed.
+``apply(target, level="residual" | "block", record=False, **max_fuse_options)`` patches a
+diffusers pipeline, a multi-condition combiner (``MultiControlNetModel``,
+``MultiControlNetUnionModel``, ``SD3MultiControlNetModel``, ``FluxMultiControlNetModel``,
+``MultiAdapter``) or a list of control models, and returns a handle whose ``remove()`` (or
+with-block) undoes every patch. See docs/integration.md.
+
+Importing this package imports neither diffusers nor greenlet and initialises no CUDA context;
+the handlers match diffusers classes by name and import nothing.
 """
 
 from maxfusion_kernels import max_fuse
 
-__all__ = ["max_fuse"]
+from ._api import AlreadyAppliedError, MaxFusionHandle, apply
+from ._fusion import FusionSettings, Record, fuse_residual_groups
+from ._lockstep import FusionPoint, LockstepError
+
+__all__ = [
+    "AlreadyAppliedError",
+    "FusionPoint",
+    "FusionSettings",
+    "LockstepError",
+    "MaxFusionHandle",
+    "Record",
+    "apply",
+    "fuse_residual_groups",
+    "max_fuse",
+]

@@ -1,0 +1,460 @@
+"""Tiny diffusers models and pipelines built from config with random weights (no downloads).
+
+Shared by the hook tests and the demo. Every builder is deterministic in its ``seed``; every
+forward takes milliseconds on a CPU.
+
+Random-weight ControlNets hardly depend on their condition (the conditioning embedding is
+small and the zero convolutions output zeros), so :func:`make_condition_driven` gives a model
+He-normal weights with a gain of about 3 and zero biases in its condition embedding and
+non-zero random "zero convolutions": then its features follow the condition, and conditions that
+conflict by halves of the image are each won by their own model at most sites.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------
+
+
+def _kaiming_(module: nn.Module, gain: float, generator: torch.Generator) -> None:
+    """He-normal weights (std = gain / sqrt(fan_in)) and zero biases for every conv / linear."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * gain
+                               / math.sqrt(fan_in))
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+def _random_(module: nn.Module, generator: torch.Generator, std: float = 0.5) -> None:
+    """Non-zero random weights and biases (for the zero convolutions / zero linears)."""
+    for p in module.parameters():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def make_condition_driven(model: nn.Module, seed: int = 0, gain: float = 3.0) -> nn.Module:
+    """Make a tiny control model's features follow its condition (in place; returns it).
+
+    ControlNet / ControlNet-Union: ``controlnet_cond_embedding`` gets He-normal weights with
+    ``gain`` and zero biases (so an all-zero condition embeds to exactly zero), and the zero
+    convolutions get random weights. SD3 / Flux ControlNets: the same for the condition input
+    embedder (``pos_embed_input`` / ``controlnet_x_embedder``) and the zero linears.
+    T2I-Adapter: every conv of the adapter gets He-normal weights and zero biases.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if hasattr(model, "controlnet_cond_embedding"):
+        _kaiming_(model.controlnet_cond_embedding, gain, g)
+        _random_(model.controlnet_down_blocks, g)
+        _random_(model.controlnet_mid_block, g)
+    elif hasattr(model, "pos_embed_input"):  # SD3
+        _kaiming_(model.pos_embed_input, gain, g)
+        _random_(model.controlnet_blocks, g)
+    elif hasattr(model, "controlnet_x_embedder"):  # Flux
+        _kaiming_(model.controlnet_x_embedder, gain, g)
+        _random_(model.controlnet_blocks, g)
+        _random_(model.controlnet_single_blocks, g)
+    elif hasattr(model, "adapter"):  # T2I-Adapter
+        _kaiming_(model.adapter, gain, g)
+    else:
+        raise TypeError(f"no conditioning embedding known for {type(model).__name__}")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# SD 1.5-style pieces
+# --------------------------------------------------------------------------------------------
+
+CROSS_DIM = 32
+
+
+def tiny_tokenizer(model_max_length: int = 77):
+    """A CLIP tokenizer with a byte-level vocabulary and no merges, built in memory."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_text_encoder(seed: int = 0, *, with_projection: bool = False, hidden: int = CROSS_DIM):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=600,
+        projection_dim=hidden,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def _unet_kwargs(sdxl: bool) -> dict:
+    kw = dict(
+        block_out_channels=(8, 16), layers_per_block=1, in_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=CROSS_DIM if not sdxl else 2 * CROSS_DIM, norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    if sdxl:
+        kw.update(
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=CROSS_DIM + 6 * 8, use_linear_projection=True,
+        )
+    return kw
+
+
+def tiny_unet(seed: int = 0, *, sdxl: bool = False):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, out_channels=4, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        **_unet_kwargs(sdxl),
+    ).eval()
+
+
+def tiny_controlnet(seed: int = 0, *, sdxl: bool = False, driven: bool = True,
+                    global_pool: bool = False):
+    """A ControlNet matching :func:`tiny_unet`: 5 down residuals + mid, channels 8 / 16."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel(
+        conditioning_embedding_out_channels=(8, 16), global_pool_conditions=global_pool,
+        **_unet_kwargs(sdxl),
+    ).eval()
+    return make_condition_driven(net, seed + 1000) if driven else net
+
+
+def tiny_union_controlnet(seed: int = 0, *, driven: bool = True):
+    """A ControlNet-Union (SDXL-style, 2 control types) matching :func:`tiny_unet`."""
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed)
+    net = ControlNetUnionModel(
+        conditioning_embedding_out_channels=(8, 16), num_control_type=2, num_trans_channel=8,
+        num_trans_head=2, num_trans_layer=1, num_proj_channel=8, addition_time_embed_dim=8,
+        **_unet_kwargs(False),
+    ).eval()
+    return make_condition_driven(net, seed + 1000) if driven else net
+
+
+def unet_inputs(batch: int = 2, latent: int = 16, seed: int = 0, sdxl: bool = False) -> dict:
+    """Keyword inputs of a (tiny) ControlNet besides its condition and scale."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(
+        sample=torch.randn(batch, 4, latent, latent, generator=g), timestep=torch.tensor(10),
+        encoder_hidden_states=torch.randn(batch, 7, 2 * CROSS_DIM if sdxl else CROSS_DIM,
+                                          generator=g),
+    )
+    if sdxl:
+        kw["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, CROSS_DIM, generator=g),
+                                       time_ids=torch.rand(batch, 6, generator=g) * 64)
+    return kw
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4, **config):
+    """A 2-level VAE: scale factor 2 (a 32 px image has a 16 x 16 latent)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, **config,
+    ).eval()
+
+
+def tiny_adapter(seed: int = 0, *, sdxl: bool = False, driven: bool = True):
+    """A full T2I-Adapter matching :func:`tiny_unet` (2 feature maps, 8 and 16 channels)."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(seed)
+    ad = T2IAdapter(
+        in_channels=3, channels=(8, 16), num_res_blocks=1, downscale_factor=2,
+        adapter_type="full_adapter",
+    ).eval()
+    return make_condition_driven(ad, seed + 1000) if driven else ad
+
+
+def sd_controlnet_pipeline(n: int = 2, seed: int = 0, *, global_pool: bool = False,
+                           nets=None):
+    """``StableDiffusionControlNetPipeline`` with ``n`` tiny ControlNets (seeds seed+1..)."""
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+
+    nets = nets if nets is not None else [
+        tiny_controlnet(seed + 1 + k, global_pool=global_pool) for k in range(n)
+    ]
+    pipe = StableDiffusionControlNetPipeline(
+        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed), tokenizer=tiny_tokenizer(),
+        unet=tiny_unet(seed), controlnet=nets, scheduler=DDIMScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_controlnet_pipeline(n: int = 2, seed: int = 0):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed),
+        text_encoder_2=tiny_text_encoder(seed + 1, with_projection=True),
+        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), unet=tiny_unet(seed, sdxl=True),
+        controlnet=[tiny_controlnet(seed + 1 + k, sdxl=True) for k in range(n)],
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                         beta_schedule="scaled_linear"),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd_adapter_pipeline(n: int = 2, seed: int = 0):
+    from diffusers import DDIMScheduler, StableDiffusionAdapterPipeline
+
+    pipe = StableDiffusionAdapterPipeline(
+        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed), tokenizer=tiny_tokenizer(),
+        unet=tiny_unet(seed), adapter=[tiny_adapter(seed + 1 + k) for k in range(n)],
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------
+# SD3 and Flux (the pipelines run on precomputed prompt embeddings: no text encoders)
+# --------------------------------------------------------------------------------------------
+
+SD3_DIMS = dict(joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32)
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, out_channels=4, pos_embed_max_size=32, **SD3_DIMS,
+    ).eval()
+
+
+def tiny_sd3_controlnet(seed: int = 0, *, driven: bool = True):
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    net = SD3ControlNetModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, out_channels=4, pos_embed_max_size=32, **SD3_DIMS,
+    ).eval()
+    return make_condition_driven(net, seed + 1000) if driven else net
+
+
+def sd3_controlnet_pipeline(n: int = 2, seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3ControlNetPipeline
+
+    pipe = StableDiffusion3ControlNetPipeline(
+        transformer=tiny_sd3_transformer(seed), scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(seed), text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        controlnet=[tiny_sd3_controlnet(seed + 1 + k) for k in range(n)],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_prompt_kwargs(batch: int = 1, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        prompt_embeds=torch.randn(batch, 7, 32, generator=g),
+        negative_prompt_embeds=torch.randn(batch, 7, 32, generator=g),
+        pooled_prompt_embeds=torch.randn(batch, 32, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(batch, 32, generator=g),
+    )
+
+
+FLUX_DIMS = dict(attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                 pooled_projection_dim=32, axes_dims_rope=[2, 2, 4])
+
+
+def tiny_flux_transformer(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, **FLUX_DIMS
+    ).eval()
+
+
+def tiny_flux_controlnet(seed: int = 0, *, driven: bool = True):
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    net = FluxControlNetModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, **FLUX_DIMS
+    ).eval()
+    return make_condition_driven(net, seed + 1000) if driven else net
+
+
+def flux_controlnet_pipeline(n: int = 2, seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
+
+    pipe = FluxControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(seed, latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        transformer=tiny_flux_transformer(seed),
+        controlnet=[tiny_flux_controlnet(seed + 1 + k) for k in range(n)],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_prompt_kwargs(batch: int = 1, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(batch, 7, 32, generator=g),
+                pooled_prompt_embeds=torch.randn(batch, 32, generator=g))
+
+
+def sd3_inputs(batch=2, seed=0):
+    """Keyword inputs of a tiny SD3 ControlNet besides its condition and scale."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, 16, 16, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g),
+                encoder_hidden_states=torch.randn(batch, 7, 32, generator=g),
+                timestep=torch.tensor([500.0] * batch))
+
+
+def sd3_latent_conditions(n, batch=2, seed=1):
+    """``n`` latent-space conditions ``[batch, 4, 16, 16]`` that conflict by vertical strips."""
+    g = torch.Generator().manual_seed(seed)
+    conds = []
+    for k in range(n):  # latent-space conditions, one strip each
+        c = torch.zeros(batch, 4, 16, 16)
+        c[..., k * 16 // n:(k + 1) * 16 // n] = torch.randn(batch, 4, 16, 16 // n, generator=g)
+        conds.append(c)
+    return conds
+
+
+def flux_inputs(batch=2, seed=0):
+    """Keyword inputs of a tiny Flux ControlNet (8 x 8 packed tokens of 16 channels)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack(torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij"), -1)
+    img_ids = torch.cat([torch.zeros(64, 1), ids.reshape(64, 2).float()], 1)
+    return dict(hidden_states=torch.randn(batch, 64, 16, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g),
+                encoder_hidden_states=torch.randn(batch, 7, 32, generator=g),
+                timestep=torch.tensor([0.5] * batch), img_ids=img_ids,
+                txt_ids=torch.zeros(7, 3))
+
+
+def flux_token_conditions(n, batch=2, seed=1):
+    """``n`` packed conditions ``[batch, 64, 16]``, each on its own rows of tokens."""
+    g = torch.Generator().manual_seed(seed)
+    conds = []
+    for k in range(n):  # packed tokens [B, 64, 16], each condition on its own rows of tokens
+        c = torch.zeros(batch, 64, 16)
+        c[:, k * 64 // n:(k + 1) * 64 // n] = torch.randn(batch, 64 // n, 16, generator=g)
+        conds.append(c)
+    return conds
+
+
+# --------------------------------------------------------------------------------------------
+# conditions
+# --------------------------------------------------------------------------------------------
+
+
+def strip_conditions(n: int, size: int = 32, batch: int = 1, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` condition images ``[batch, 3, size, size]`` in [0, 1] that conflict by vertical
+    strips: condition k is a random pattern in strip k of ``n`` (halves for n = 2) and zero
+    elsewhere, so each strip should follow its own condition's model."""
+    g = torch.Generator().manual_seed(seed)
+    conds = []
+    for k in range(n):
+        img = torch.zeros(batch, 3, size, size)
+        lo, hi = k * size // n, (k + 1) * size // n
+        img[..., lo:hi] = torch.rand(batch, 3, size, hi - lo, generator=g)
+        conds.append(img)
+    return conds
+
+
+def strip_masks(n: int, shape_hw: tuple[int, int], margin: int = 0) -> list[torch.Tensor]:
+    """Bool ``[H, W]`` masks of the ``n`` vertical strips of a feature map, each shrunk by
+    ``margin`` columns on the sides that border another strip."""
+    h, w = shape_hw
+    masks = []
+    for k in range(n):
+        lo, hi = k * w // n, (k + 1) * w // n
+        lo = lo + margin if k > 0 else lo
+        hi = hi - margin if k < n - 1 else hi
+        m = torch.zeros(h, w, dtype=torch.bool)
+        m[:, lo:max(hi, lo)] = True
+        masks.append(m)
+    return masks
+
+
+# --------------------------------------------------------------------------------------------
+# raw PyTorch
+# --------------------------------------------------------------------------------------------
+
+
+class TwoStage(nn.Module):
+    """A raw two-stage control model: ``head(stage2(stage1(x)))`` (``head`` optional).
+
+    ``skip_stage1`` (a runtime attribute, not part of the architecture) makes a model skip its
+    first stage, so that models of one architecture reach different fusion points; ``no_grad``
+    runs stage 1 under ``torch.no_grad()``; ``seen_modes`` collects the grad / inference /
+    autocast modes stage 2 runs under.
+    """
+
+    def __init__(self, cin: int = 3, c: int = 8, seed: int = 0, head: bool = True):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stage1 = nn.Sequential(nn.Conv2d(cin, c, 3, padding=1), nn.SiLU(),
+                                    nn.Conv2d(c, c, 3, padding=1))
+        self.stage2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
+                                    nn.Conv2d(c, c, 3, padding=1))
+        self.head = nn.Conv2d(c, c, 1) if head else None
+        self.skip_stage1 = False
+        self.no_grad = False
+        self.seen_modes: list[tuple] = []
+        self.stage2.register_forward_pre_hook(self._see)
+
+    def _see(self, module, args):
+        self.seen_modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                                torch.is_autocast_enabled("cpu")))
+
+    def forward(self, x):
+        if self.skip_stage1:
+            h = torch.cat([x, x[:, :1].expand(-1, self.stage2[0].in_channels - x.shape[1],
+                                                  -1, -1)], 1)
+        elif self.no_grad:
+            with torch.no_grad():
+                h = self.stage1(x)
+        else:
+            h = self.stage1(x)
+        h = self.stage2(h)
+        return self.head(h) if self.head is not None else h
+
+
+def single_thread_fixture():
+    """A module-scoped autouse fixture body: one intra-op thread (the tiny models run fastest
+    that way and do not fight other processes for the cores); restores the setting after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
