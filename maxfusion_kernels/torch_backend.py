@@ -41,17 +41,23 @@ def fuse_torch(
             return outs, None, None
         return (outs, f0.new_empty((b, *site_shape), dtype=torch.int64),
                 f0.new_empty((n, b, *site_shape), dtype=torch.bool))
-    # [N, B, C, S] in the accumulation dtype, the weights applied first
-    x = torch.stack([f.movedim(cd, 1).reshape(b, c, n_sites).to(acc) for f in feats])
+    # [N, B, S, C] in the accumulation dtype, the weights applied first: channels last, so
+    # the channel reductions and the Gram matrix are contiguous batched products
+    x = torch.stack([f.movedim(cd, -1).reshape(b, n_sites, c).to(acc) for f in feats])
     if opt.weights is not None:  # a weight of 0 zeroes its input, inf and NaN included
         wt = torch.tensor(weights, dtype=acc, device=f0.device)[:, None, None, None]
         x = torch.where(wt == 0, 0, x * wt)
 
     # --- per-site statistics -------------------------------------------------------------
-    var, mean = torch.var_mean(x, dim=2)  # [N, B, S]
+    centred = x - x.mean(dim=3, keepdim=True)
+    var = (centred * centred).sum(dim=3) / (c - 1)  # [N, B, S] (faster than var_mean here)
     std = var.sqrt()
-    y = x - mean[:, :, None] if opt.pearson else x
-    gram = torch.einsum("ibcs,jbcs->ijbs", y, y)  # [N, N, B, S]
+    y = centred if opt.pearson else x
+    # [N, N, B, S], pair by pair: elementwise products reduce far faster on a CPU than a
+    # batched matmul of B * S tiny [N, C] matrices
+    pairs = {(i, j): (y[i] * y[j]).sum(dim=-1) for i in range(n) for j in range(i, n)}
+    gram = torch.stack([torch.stack([pairs[min(i, j), max(i, j)] for j in range(n)])
+                        for i in range(n)])
     norm = torch.diagonal(gram, dim1=0, dim2=1).movedim(-1, 0).clamp_min(0).sqrt()
     denom = norm[:, None] * norm[None, :]
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
@@ -76,20 +82,20 @@ def fuse_torch(
 
     # --- the fused output ------------------------------------------------------------------
     m = members.to(acc)
-    out = torch.einsum("ibs,ibcs->bcs", m, x) / m.sum(dim=0)[:, None]
-    poison = (present & ~finite).any(dim=0)[:, None]  # [B, 1, S]
+    out = (m[..., None] * x).sum(dim=0) / m.sum(dim=0)[..., None]
+    poison = (present & ~finite).any(dim=0)[..., None]  # [B, S, 1]
     out = torch.where(poison, torch.nan, out)
     if opt.unmerge:
         wf = is_winner.to(acc)
-        x_w = torch.einsum("ibs,ibcs->bcs", wf, x)
+        x_w = (wf[..., None] * x).sum(dim=0)
         s_w = (wf * std).sum(dim=0)
         factor = torch.where(s_w > 0, std / torch.where(s_w > 0, s_w, torch.ones_like(s_w)), 1.0)
         factor = torch.where(present, factor, 0.0)
-        g = torch.where(members[:, :, None], out, factor[:, :, None] * x_w)
+        g = torch.where(members[..., None], out, factor[..., None] * x_w)
         g = torch.where(poison, torch.nan, g)
-        results = [_restore(gi, f0, moved_shape, cd) for gi in g]
+        results = [_restore(gi, f0, cd) for gi in g]
     else:
-        results = [_restore(out, f0, moved_shape, cd)]
+        results = [_restore(out, f0, cd)]
     if not return_info:
         return results, None, None
     return (
@@ -99,8 +105,8 @@ def fuse_torch(
     )
 
 
-def _restore(y: torch.Tensor, like: torch.Tensor, moved_shape, cd: int) -> torch.Tensor:
-    """``[B, C, S]`` back to the layout and dtype of ``like``."""
+def _restore(y: torch.Tensor, like: torch.Tensor, cd: int) -> torch.Tensor:
+    """``[B, S, C]`` back to the shape, layout and dtype of ``like``."""
     out = torch.empty_like(like)
-    out.copy_(y.reshape(moved_shape).movedim(1, cd))
+    out.copy_(y.reshape(like.movedim(cd, -1).shape).movedim(-1, cd))
     return out
