@@ -1,142 +1,40 @@
 """Tiny diffusers models and pipelines built from config with random weights (no downloads).
 
-Shared by the hook tests and the demo. Every builder is deterministic in its ``seed``; every
-forward takes milliseconds on a CPU.
+Every builder is deterministic in its ``seed``; every forward takes milliseconds on a CPU. The
+SD 1.5-style builders the demo also uses (tokenizer, text encoder, UNet, ControlNet, VAE, the
+ControlNet pipeline) and :func:`make_condition_driven` live in the package,
+``maxfusion_hooks.offline_models``, and are re-exported here; this file adds the other families
+(ControlNet-Union, T2I-Adapter, SDXL, SD3, Flux), inputs, conditions and a raw model.
 
-Random-weight ControlNets hardly depend on their condition (the conditioning embedding is
-small and the zero convolutions output zeros), so :func:`make_condition_driven` gives a model
-He-normal weights with a gain of about 3 and zero biases in its condition embedding and
-non-zero random "zero convolutions": then its features follow the condition, and conditions that
-conflict by halves of the image are each won by their own model at most sites.
+A ControlNet built from config ignores its condition (diffusers zero-initialises the last
+convolution of its conditioning embedding and its zero convolutions), so
+:func:`make_condition_driven` gives a model He-normal weights with a gain of about 3 and zero
+biases in its condition embedding and non-zero random "zero convolutions": then its features
+follow the condition, and conditions that conflict by halves of the image are each won by their
+own model at most sites.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-# --------------------------------------------------------------------------------------------
-# weights
-# --------------------------------------------------------------------------------------------
-
-
-def _kaiming_(module: nn.Module, gain: float, generator: torch.Generator) -> None:
-    """He-normal weights (std = gain / sqrt(fan_in)) and zero biases for every conv / linear."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * gain
-                               / math.sqrt(fan_in))
-                if m.bias is not None:
-                    m.bias.zero_()
-
-
-def _random_(module: nn.Module, generator: torch.Generator, std: float = 0.5) -> None:
-    """Non-zero random weights and biases (for the zero convolutions / zero linears)."""
-    for p in module.parameters():
-        with torch.no_grad():
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
-def make_condition_driven(model: nn.Module, seed: int = 0, gain: float = 3.0) -> nn.Module:
-    """Make a tiny control model's features follow its condition (in place; returns it).
-
-    ControlNet / ControlNet-Union: ``controlnet_cond_embedding`` gets He-normal weights with
-    ``gain`` and zero biases (so an all-zero condition embeds to exactly zero), and the zero
-    convolutions get random weights. SD3 / Flux ControlNets: the same for the condition input
-    embedder (``pos_embed_input`` / ``controlnet_x_embedder``) and the zero linears.
-    T2I-Adapter: every conv of the adapter gets He-normal weights and zero biases.
-    """
-    g = torch.Generator().manual_seed(seed)
-    if hasattr(model, "controlnet_cond_embedding"):
-        _kaiming_(model.controlnet_cond_embedding, gain, g)
-        _random_(model.controlnet_down_blocks, g)
-        _random_(model.controlnet_mid_block, g)
-    elif hasattr(model, "pos_embed_input"):  # SD3
-        _kaiming_(model.pos_embed_input, gain, g)
-        _random_(model.controlnet_blocks, g)
-    elif hasattr(model, "controlnet_x_embedder"):  # Flux
-        _kaiming_(model.controlnet_x_embedder, gain, g)
-        _random_(model.controlnet_blocks, g)
-        _random_(model.controlnet_single_blocks, g)
-    elif hasattr(model, "adapter"):  # T2I-Adapter
-        _kaiming_(model.adapter, gain, g)
-    else:
-        raise TypeError(f"no conditioning embedding known for {type(model).__name__}")
-    return model
-
+# the SD 1.5-style builders and make_condition_driven live in the package (the demo uses them)
+from maxfusion_hooks.offline_models import (  # noqa: F401  (re-exported for the tests)
+    CROSS_DIM,
+    make_condition_driven,
+    sd_controlnet_pipeline,
+    tiny_controlnet,
+    tiny_text_encoder,
+    tiny_tokenizer,
+    tiny_unet,
+    tiny_vae,
+    unet_config,
+)
 
 # --------------------------------------------------------------------------------------------
-# SD 1.5-style pieces
+# SD 1.5 / SDXL-style pieces not used by the demo
 # --------------------------------------------------------------------------------------------
-
-CROSS_DIM = 32
-
-
-def tiny_tokenizer(model_max_length: int = 77):
-    """A CLIP tokenizer with a byte-level vocabulary and no merges, built in memory."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in bytes_to_unicode().values():
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
-
-
-def tiny_text_encoder(seed: int = 0, *, with_projection: bool = False, hidden: int = CROSS_DIM):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37,
-        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=600,
-        projection_dim=hidden,
-    )
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(cfg).eval()
-
-
-def _unet_kwargs(sdxl: bool) -> dict:
-    kw = dict(
-        block_out_channels=(8, 16), layers_per_block=1, in_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        cross_attention_dim=CROSS_DIM if not sdxl else 2 * CROSS_DIM, norm_num_groups=4,
-        attention_head_dim=2,
-    )
-    if sdxl:
-        kw.update(
-            addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=CROSS_DIM + 6 * 8, use_linear_projection=True,
-        )
-    return kw
-
-
-def tiny_unet(seed: int = 0, *, sdxl: bool = False):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=16, out_channels=4, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        **_unet_kwargs(sdxl),
-    ).eval()
-
-
-def tiny_controlnet(seed: int = 0, *, sdxl: bool = False, driven: bool = True,
-                    global_pool: bool = False):
-    """A ControlNet matching :func:`tiny_unet`: 5 down residuals + mid, channels 8 / 16."""
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    net = ControlNetModel(
-        conditioning_embedding_out_channels=(8, 16), global_pool_conditions=global_pool,
-        **_unet_kwargs(sdxl),
-    ).eval()
-    return make_condition_driven(net, seed + 1000) if driven else net
 
 
 def tiny_union_controlnet(seed: int = 0, *, driven: bool = True):
@@ -147,7 +45,7 @@ def tiny_union_controlnet(seed: int = 0, *, driven: bool = True):
     net = ControlNetUnionModel(
         conditioning_embedding_out_channels=(8, 16), num_control_type=2, num_trans_channel=8,
         num_trans_head=2, num_trans_layer=1, num_proj_channel=8, addition_time_embed_dim=8,
-        **_unet_kwargs(False),
+        **unet_config(False),
     ).eval()
     return make_condition_driven(net, seed + 1000) if driven else net
 
@@ -166,18 +64,6 @@ def unet_inputs(batch: int = 2, latent: int = 16, seed: int = 0, sdxl: bool = Fa
     return kw
 
 
-def tiny_vae(seed: int = 0, latent_channels: int = 4, **config):
-    """A 2-level VAE: scale factor 2 (a 32 px image has a 16 x 16 latent)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, **config,
-    ).eval()
-
-
 def tiny_adapter(seed: int = 0, *, sdxl: bool = False, driven: bool = True):
     """A full T2I-Adapter matching :func:`tiny_unet` (2 feature maps, 8 and 16 channels)."""
     from diffusers import T2IAdapter
@@ -188,23 +74,6 @@ def tiny_adapter(seed: int = 0, *, sdxl: bool = False, driven: bool = True):
         adapter_type="full_adapter",
     ).eval()
     return make_condition_driven(ad, seed + 1000) if driven else ad
-
-
-def sd_controlnet_pipeline(n: int = 2, seed: int = 0, *, global_pool: bool = False,
-                           nets=None):
-    """``StableDiffusionControlNetPipeline`` with ``n`` tiny ControlNets (seeds seed+1..)."""
-    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
-
-    nets = nets if nets is not None else [
-        tiny_controlnet(seed + 1 + k, global_pool=global_pool) for k in range(n)
-    ]
-    pipe = StableDiffusionControlNetPipeline(
-        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed), tokenizer=tiny_tokenizer(),
-        unet=tiny_unet(seed), controlnet=nets, scheduler=DDIMScheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def sdxl_controlnet_pipeline(n: int = 2, seed: int = 0):
