@@ -51,6 +51,26 @@ if HAS_TRITON:
     EARLY_MARK = tl.constexpr(1 << 30)  # pair-mask bit: site already written by pass 1
 
     @triton.jit
+    def pick(i, v0, v1, v2, v3, v4, v5, v6, v7, N: tl.constexpr):
+        """Per element of index tensor ``i``: ``v_i`` (pointer or scalar); ``v0`` beyond N."""
+        r = tl.where(i == 0, v0, v0)
+        if N > 1:
+            r = tl.where(i == 1, v1, r)
+        if N > 2:
+            r = tl.where(i == 2, v2, r)
+        if N > 3:
+            r = tl.where(i == 3, v3, r)
+        if N > 4:
+            r = tl.where(i == 4, v4, r)
+        if N > 5:
+            r = tl.where(i == 5, v5, r)
+        if N > 6:
+            r = tl.where(i == 6, v6, r)
+        if N > 7:
+            r = tl.where(i == 7, v7, r)
+        return r
+
+    @triton.jit
     def site_offsets(s, inner, stride_outer, stride_inner, TWO_RUNS: tl.constexpr):
         """Element offsets (int64) of flat site indices ``s``."""
         s = s.to(tl.int64)

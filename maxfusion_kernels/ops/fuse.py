@@ -39,6 +39,7 @@ if HAS_TRITON:
         block_partial,
         decide,
         normaliser,
+        pick,
         poisoned,
         site_offsets,
         site_stats,
@@ -49,26 +50,6 @@ if HAS_TRITON:
     # ------------------------------------------------------------------------------------
     # 1. kernels
     # ------------------------------------------------------------------------------------
-
-    @triton.jit
-    def _pick(i, v0, v1, v2, v3, v4, v5, v6, v7, N: tl.constexpr):
-        """Per element of index tensor ``i``: ``v_i`` (pointer or scalar); ``v0`` beyond N."""
-        r = tl.where(i == 0, v0, v0)
-        if N > 1:
-            r = tl.where(i == 1, v1, r)
-        if N > 2:
-            r = tl.where(i == 2, v2, r)
-        if N > 3:
-            r = tl.where(i == 3, v3, r)
-        if N > 4:
-            r = tl.where(i == 4, v4, r)
-        if N > 5:
-            r = tl.where(i == 5, v5, r)
-        if N > 6:
-            r = tl.where(i == 6, v6, r)
-        if N > 7:
-            r = tl.where(i == 7, v7, r)
-        return r
 
     @triton.jit
     def _stats_kernel(
@@ -90,9 +71,9 @@ if HAS_TRITON:
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         s_ok = s < S
         i_ok = i < N
-        w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
+        w = pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
         present = i_ok & (w != 0.0)
-        x_base = _pick(i, x0, x1, x2, x3, x4, x5, x6, x7, N) + pid_b * stride_xb
+        x_base = pick(i, x0, x1, x2, x3, x4, x5, x6, x7, N) + pid_b * stride_xb
         x_site = site_offsets(s, inner, stride_xs0, stride_xs1, TWO_RUNS)
 
         t, bits = site_stats(x_base, stride_xc, x_site, s_ok, i_ok, w, present, C, threshold,
@@ -108,7 +89,7 @@ if HAS_TRITON:
         early = (bits & EARLY_MARK) != 0
         if tl.max(early.to(tl.int32), axis=0) > 0:
             # the group is every present input: write the output now, from the tile just read
-            o_base = _pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
+            o_base = pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
             o_site = site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
             member = present[:, None] & early[None, :]
             zero = tl.zeros((NP, BLOCK_S), tl.float32)
@@ -136,7 +117,7 @@ if HAS_TRITON:
         pid_b = tl.program_id(1).to(tl.int64)
         i = tl.arange(0, NP)
         i_ok = i < N
-        w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
+        w = pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
         present = i_ok & (w != 0.0)
         if BATCH_NORMALIZER:
             total = normaliser(part_ptr, 0, B, n_blocks, i_ok, N, NP, BLOCK_P)
@@ -158,9 +139,9 @@ if HAS_TRITON:
 
         todo = s_ok & ((bits & EARLY_MARK) == 0)  # sites pass 1 did not write
         if tl.max(todo.to(tl.int32), axis=0) > 0:
-            x_base = _pick(i, x0, x1, x2, x3, x4, x5, x6, x7, N) + pid_b * stride_xb
+            x_base = pick(i, x0, x1, x2, x3, x4, x5, x6, x7, N) + pid_b * stride_xb
             x_site = site_offsets(s, inner, stride_xs0, stride_xs1, TWO_RUNS)
-            o_base = _pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
+            o_base = pick(i, o0, o1, o2, o3, o4, o5, o6, o7, N) + pid_b * stride_ob
             o_site = site_offsets(s, inner, stride_os0, stride_os1, TWO_RUNS)
             factor = unmerge_factor(t, win, present, USE_VARIANCE, NP)
             poison = poisoned(t, present)

@@ -39,6 +39,7 @@ if HAS_TRITON:
         block_partial,
         decide,
         normaliser,
+        pick,
         poisoned,
         site_offsets,
         site_stats,
@@ -101,13 +102,7 @@ if HAS_TRITON:
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         s_ok = s < S
         i_ok = i < N
-        w = tl.where(i == 0, w0, w1)
-        w = tl.where(i == 2, w2, w)
-        w = tl.where(i == 3, w3, w)
-        w = tl.where(i == 4, w4, w)
-        w = tl.where(i == 5, w5, w)
-        w = tl.where(i == 6, w6, w)
-        w = tl.where(i == 7, w7, w).to(tl.float32)
+        w = pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
         present = i_ok & (w != 0.0)
         x_base = _group_rows(xs, g, i, N, G, NP) + pid_b * tl.load(row + 8)
         stride_xc = tl.load(row + 9)
@@ -164,13 +159,7 @@ if HAS_TRITON:
 
         i = tl.arange(0, NP)
         i_ok = i < N
-        w = tl.where(i == 0, w0, w1)
-        w = tl.where(i == 2, w2, w)
-        w = tl.where(i == 3, w3, w)
-        w = tl.where(i == 4, w4, w)
-        w = tl.where(i == 5, w5, w)
-        w = tl.where(i == 6, w6, w)
-        w = tl.where(i == 7, w7, w).to(tl.float32)
+        w = pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
         present = i_ok & (w != 0.0)
         part_base = part_ptr + tl.load(row + 17)
         if BATCH_NORMALIZER:
