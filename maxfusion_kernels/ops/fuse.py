@@ -167,24 +167,31 @@ def _as_kernel_inputs(feats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [f if f.stride() == like.stride() else torch.empty_like(f0).copy_(f) for f in feats]
 
 
+def prepare_group(feats: list[torch.Tensor], n_out: int, channel_dim: int):
+    """``(inputs, outputs, layout)`` of one group for the kernels: the inputs with input 0's
+    strides, ``n_out`` outputs laid out like them, and their ``[B, C, sites]`` view. Site dims
+    too scattered for two strided runs are read through a contiguous copy."""
+    feats = _as_kernel_inputs(feats)
+    outs = [torch.empty_like(feats[0]) for _ in range(n_out)]
+    lay = site_layout(feats[0], outs[0], channel_dim)
+    if lay is None:
+        feats = [f.contiguous() for f in feats]
+        outs = [torch.empty_like(feats[0]) for _ in range(n_out)]
+        lay = site_layout(feats[0], outs[0], channel_dim)
+        assert lay is not None
+    return feats, outs, lay
+
+
 def _fuse_triton(
     feats: list[torch.Tensor], opt: FuseOptions, return_info: bool, launch: bool = True
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """Allocate the results and launch the two passes (``launch=False``: allocate only, for
     the fake implementation of the interpreted op)."""
     n = len(feats)
-    feats = _as_kernel_inputs(feats)
+    feats, outs, lay = prepare_group(feats, n if opt.unmerge else 1, opt.channel_dim)
     f0 = feats[0]
-    cd = opt.channel_dim
-    n_out = n if opt.unmerge else 1
-    outs = [torch.empty_like(f0) for _ in range(n_out)]
-    lay = site_layout(f0, outs[0], cd)
-    if lay is None:  # site dims too scattered for two strided runs: read a contiguous copy
-        feats = [f.contiguous() for f in feats]
-        outs = [torch.empty_like(feats[0]) for _ in range(n_out)]
-        lay = site_layout(feats[0], outs[0], cd)
-        assert lay is not None
-    moved = f0.movedim(cd, 1).shape
+    n_out = len(outs)
+    moved = f0.movedim(opt.channel_dim, 1).shape
     b, s_count = lay.batch, lay.sites
     info_winner = f0.new_empty((b, s_count), dtype=torch.int64) if return_info else None
     info_members = (f0.new_empty((n, b, s_count), dtype=torch.bool) if return_info else None)

@@ -16,11 +16,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..layout import site_layout
 from ..options import FuseInfo, FuseOptions, check_features, resolve_options
 from ..torch_backend import fuse_torch
 from ._fusion_math import HAS_TRITON, next_pow2, pass_tiles
-from .fuse import _as_kernel_inputs, choose_backend
+from .fuse import choose_backend, prepare_group
 
 # The per-group table (int64, one row per group), by column: 0 first pass-1 program,
 # 1 first pass-2 program, 2 batch B, 3 channels C, 4 sites S, 5 inner site run, 6 pass-1
@@ -225,24 +224,17 @@ def _fuse_many_triton(groups: list[list[torch.Tensor]], opts: list[FuseOptions],
     n = len(groups[0])
     opt = opts[0]
     n_out = n if opt.unmerge else 1
-    outs, infos, active = [], [], []
+    outs, active = [], []
+    total_sites = 0  # the groups' sites one after the other in the flat per-site buffers
     for grp, o in zip(groups, opts):
-        feats = _as_kernel_inputs(grp)
-        out = [torch.empty_like(feats[0]) for _ in range(n_out)]
-        lay = site_layout(feats[0], out[0], o.channel_dim)
-        if lay is None:  # scattered site dims: read a contiguous copy (as max_fuse does)
-            feats = [f.contiguous() for f in feats]
-            out = [torch.empty_like(feats[0]) for _ in range(n_out)]
-            lay = site_layout(feats[0], out[0], o.channel_dim)
+        feats, out, lay = prepare_group(grp, n_out, o.channel_dim)
         outs.append(out)
-        moved = feats[0].movedim(o.channel_dim, 1).shape
-        infos.append((moved, lay))
         if lay.batch * lay.sites > 0:
-            active.append((len(outs) - 1, feats, out, lay))
+            active.append((feats, out, lay, total_sites))
+        total_sites += lay.batch * lay.sites
 
     f0 = groups[0][0]
     dev = f0.device
-    total_sites = sum(lay.batch * lay.sites for _, lay in infos)
     winner_all = (f0.new_empty((total_sites,), dtype=torch.int64) if return_info else None)
     members_all = (f0.new_empty((n * total_sites,), dtype=torch.bool) if return_info else None)
 
@@ -251,19 +243,13 @@ def _fuse_many_triton(groups: list[list[torch.Tensor]], opts: list[FuseOptions],
 
     n_pad = next_pow2(n)
     # one tile shape for the launch: from the group with the most elements
-    big = max(active, key=lambda a: a[3].batch * a[3].channels * a[3].sites)[3]
+    big = max(active, key=lambda a: a[2].batch * a[2].channels * a[2].sites)[2]
     (bc1, bs1), (bc2, bs2) = pass_tiles(n_pad, big.channels, big.sites, big.in_strides[1] == 1)
     rows, xs, os_ = [], [], []
-    start1 = start2 = site_off = part_off = 0
-    site_offsets_of = {}
-    off = 0
-    for gi, (_, lay) in enumerate(infos):
-        site_offsets_of[gi] = off
-        off += lay.batch * lay.sites
-    for gi, feats, out, lay in active:
+    start1 = start2 = part_off = 0
+    for feats, out, lay, site_off in active:
         nblk1 = triton.cdiv(lay.sites, bs1)
         nblk2 = triton.cdiv(lay.sites, bs2)
-        site_off = site_offsets_of[gi]
         rows.append([start1, start2, lay.batch, lay.channels, lay.sites, lay.inner, nblk1, nblk2,
                      *lay.in_strides, *lay.out_strides, site_off, part_off])
         start1 += lay.batch * nblk1
@@ -279,7 +265,7 @@ def _fuse_many_triton(groups: list[list[torch.Tensor]], opts: list[FuseOptions],
     ws = [weights[i] if i < n else 1.0 for i in range(8)]
     g = len(active)
     common = dict(G=g, GP=next_pow2(g), N=n, NP=n_pad, N_OUT=n_out, K=_COLS,
-                  UNMERGE=opt.unmerge, TWO_RUNS=any(a[3].two_runs for a in active),
+                  UNMERGE=opt.unmerge, TWO_RUNS=any(a[2].two_runs for a in active),
                   F64=f0.dtype == torch.float64, num_warps=4)
     _stats_many_kernel[(start1,)](
         tuple(xs), tuple(os_), t_buf, mask_buf, part_buf, table, *ws, opt.threshold,
