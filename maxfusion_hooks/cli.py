@@ -147,7 +147,7 @@ def backend_report() -> list[tuple[str, str | None, str]]:
     import torch
 
     from maxfusion_kernels import choose_backend
-    from maxfusion_kernels.ops._fusion_math import HAS_TRITON
+    from maxfusion_kernels.ops.launch import HAS_TRITON
 
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     rows = []

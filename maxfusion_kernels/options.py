@@ -201,3 +201,42 @@ class FuseInfo:
 
     winner: torch.Tensor
     members: torch.Tensor
+
+
+def check_masks(masks: object, features: Sequence[torch.Tensor], channel_dim: int,
+                *, what: str = "masks") -> list[torch.Tensor | None]:
+    """Check N per-input masks; return each as a float tensor ``[Bm, *sites]`` (Bm = 1 or B)."""
+    if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence):
+        raise TypeError(f"{what} must be a list with one entry per input, got "
+                        f"{type(masks).__name__}")
+    if len(masks) != len(features):
+        raise ValueError(f"{what} has {len(masks)} entries but there are {len(features)} "
+                         "features")
+    f0 = features[0]
+    site_shape = [f0.shape[0]] + [s for d, s in enumerate(f0.shape) if d not in (0, channel_dim)]
+    out: list[torch.Tensor | None] = []
+    for i, m in enumerate(masks):
+        if m is None:
+            out.append(None)
+            continue
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{what}[{i}] must be a tensor or None, got {type(m).__name__}")
+        if not m.is_floating_point():
+            raise TypeError(f"{what}[{i}] must have a floating dtype, got {m.dtype}")
+        if m.device != f0.device:
+            raise ValueError(f"{what}[{i}] is on {m.device} but the features are on "
+                             f"{f0.device}")
+        if m.dim() == f0.dim():
+            if m.shape[channel_dim] != 1:
+                raise ValueError(f"{what}[{i}] has shape {tuple(m.shape)}: size "
+                                 f"{m.shape[channel_dim]} at the channel dim, must be 1")
+            m = m.squeeze(channel_dim)
+        while m.dim() < len(site_shape):
+            m = m.unsqueeze(0)
+        try:
+            m = torch.broadcast_to(m, [1 if m.shape[0] == 1 else site_shape[0], *site_shape[1:]])
+        except RuntimeError:
+            raise ValueError(f"{what}[{i}] has shape {tuple(m.shape)}, which does not "
+                             f"broadcast to the sites {tuple(site_shape)}") from None
+        out.append(m)
+    return out

@@ -8,7 +8,7 @@ import torch
 from utils import assert_close, compare_with_reference, make_features
 
 import maxfusion_kernels as mk
-from maxfusion_kernels.ops import fuse_many
+from maxfusion_kernels.ops import kernels
 
 BACKENDS = ["triton", "torch"]
 
@@ -76,14 +76,14 @@ class _CountingKernel:
 
 
 @pytest.mark.parametrize("n_groups", [1, 13])
-def test_two_launches_whatever_the_number_of_groups(n_groups, monkeypatch, device):
-    stats = _CountingKernel(fuse_many._stats_many_kernel)
-    finish = _CountingKernel(fuse_many._finish_many_kernel)
-    monkeypatch.setattr(fuse_many, "_stats_many_kernel", stats)
-    monkeypatch.setattr(fuse_many, "_finish_many_kernel", finish)
+def test_three_launches_whatever_the_number_of_groups(n_groups, monkeypatch, device):
+    counters = {}
+    for name in ("stats_kernel", "combine_kernel", "write_kernel"):
+        counters[name] = _CountingKernel(getattr(kernels, name))
+        monkeypatch.setattr(kernels, name, counters[name])
     groups = _groups(SD15_SMALL[:n_groups], 2, device=device)
     mk.max_fuse_many(groups, backend="triton")
-    assert (stats.launches, finish.launches) == (1, 1)
+    assert [c.launches for c in counters.values()] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,7 +114,7 @@ def test_opcheck(use_triton, device):
     flat = [f for g in groups for f in g]
     torch.library.opcheck(
         torch.ops.maxfusion.max_fuse_many.default,
-        (flat, 2, 0.7, False, True, True, True, [1.0, 1.0], 1, True, use_triton),
+        (flat, 2, 0.7, False, True, True, True, [1.0, 1.0], 1, True, use_triton, []),
     )
 
 

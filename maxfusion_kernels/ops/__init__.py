@@ -1,7 +1,8 @@
-"""The registered ops, one file each: kernels, launcher, op and public function.
+"""The registered ops and the kernels behind them.
 
 ``fuse.py``: ``max_fuse`` (one group of N tensors); ``fuse_many.py``: ``max_fuse_many`` (many
-groups in the same two launches); ``_fusion_math.py``: the per-tile math both share.
+groups in the same three launches). Both run ``launch.py``, which launches the three Triton
+kernels of ``kernels.py`` with the work split that ``plan.py`` computes (pure host arithmetic).
 """
 
 from .fuse import choose_backend, max_fuse
