@@ -171,6 +171,15 @@ def _scale(row, ms, g, b, s, s_ok, w, i, N: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit
+def _load_tile(x_base, x_site, stride_c, chn, c_hi, rows_sites, LAYOUT: tl.constexpr):
+    """The ``[NP, BLOCK_C, BLOCK_S]`` tile of channels ``chn`` (0 past ``c_hi`` and where
+    ``rows_sites`` ``[NP, BLOCK_S]`` is off), in the inputs' dtype."""
+    ptr = (x_base[:, None, None] + _channel_offsets(chn, stride_c, LAYOUT)[None, :, None]
+           + x_site[None, None, :])
+    return tl.load(ptr, mask=rows_sites[:, None, :] & (chn < c_hi)[None, :, None], other=0.0)
+
+
+@triton.jit
 def _is_finite(x):
     """Not NaN and not infinite (``inf - inf`` and ``nan - nan`` are NaN)."""
     return (x - x) == 0.0
@@ -250,12 +259,12 @@ def stats_kernel(
     acc_a = tl.zeros((NP, BLOCK_C, BLOCK_S), tl.float32)
     acc_g = tl.zeros((NP, NP, BLOCK_C, BLOCK_S), tl.float32)
     cc = tl.arange(0, BLOCK_C)
+    # software pipelining by hand: the next tile's loads are issued before this one is used
+    x_next = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, m2, LAYOUT)
     for c0 in range(c_lo, c_hi, BLOCK_C):
-        chn = c0 + cc
-        m3 = m2[:, None, :] & (chn < c_hi)[None, :, None]
-        ptr = (x_base[:, None, None] + _channel_offsets(chn, stride_c, LAYOUT)[None, :, None]
-               + x_site[None, None, :])
-        x = tl.load(ptr, mask=m3, other=0.0).to(tl.float32)
+        m3 = m2[:, None, :] & (c0 + cc < c_hi)[None, :, None]
+        x = x_next.to(tl.float32)
+        x_next = _load_tile(x_base, x_site, stride_c, c0 + BLOCK_C + cc, c_hi, m2, LAYOUT)
         x = tl.where(scale[:, None, :] != 0.0, x * scale[:, None, :], 0.0)
         d = tl.where(m3, x - k[:, None, :], 0.0)
         acc_a += d
@@ -485,12 +494,12 @@ def write_kernel(
     c_lo = ch * CH
     c_hi = tl.minimum(c_lo + CH, C)
     cc = tl.arange(0, BLOCK_C)
+    x_next = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, need, LAYOUT)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         chn = c0 + cc
         c_ok = chn < c_hi
-        ptr = (x_base[:, None, None] + _channel_offsets(chn, stride_c, LAYOUT)[None, :, None]
-               + x_site[None, None, :])
-        x = tl.load(ptr, mask=need[:, None, :] & c_ok[None, :, None], other=0.0)
+        x = x_next
+        x_next = _load_tile(x_base, x_site, stride_c, chn + BLOCK_C, c_hi, need, LAYOUT)
         if F64:
             x = tl.where(member[:, None, :], x.to(tl.float64) * scale.to(tl.float64)[:, None, :],
                          0.0)

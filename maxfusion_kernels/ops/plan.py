@@ -36,7 +36,7 @@ LAYOUT_NAMES = {GENERIC: "generic", SITES_CONTIG: "sites-contiguous",
 ROW_BYTES_SITES = 128  # bytes of a tile row along contiguous sites: one 128-byte line
 ROW_BYTES_CHANNELS = 256  # bytes of a tile row along contiguous channels
 GRAM_BUDGET = 4096  # NP * NP * BLOCK_C * BLOCK_S: pass 1's fp32 co-moment accumulators
-COMBINE_BUDGET = 4096  # NP * NP * BLOCK_S2: pass 2's co-moment tile
+COMBINE_BUDGET = 1024  # NP * NP * BLOCK_S2: pass 2's co-moment tile
 MAX_BLOCK_P = 256  # partials summed per step by the last program of pass 2
 NUM_WARPS = 4
 
