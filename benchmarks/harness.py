@@ -10,7 +10,7 @@ The methods timed (each takes the N input tensors of one fusion, or the G groups
 - ``max_fuse``: ``maxfusion_kernels.max_fuse(feats, preset="reference")`` (the same function
   as the reference; the Triton kernels on CUDA, ``backend="torch"`` on CPU);
 - ``max_fuse_many``: ``maxfusion_kernels.max_fuse_many(groups, preset="reference")``, every
-  residual of a step in one call (2 launches with the Triton backend);
+  residual of a step in one call (3 launches with the Triton backend);
 - ``sum``: ``f_1 + f_2 + ...``, what diffusers' ``MultiControlNetModel`` does today;
 - ``copy``: ``dst.copy_(src)`` on the same device with ``src`` holding half the minimum bytes
   of the fusion, so that the copy (read ``src``, write ``dst``) moves the same bytes: the
@@ -157,16 +157,17 @@ def fusion_bytes(shapes: Sequence[Sequence[int]], n: int, dtype: torch.dtype) ->
 
 def stats_allowance(shapes: Sequence[Sequence[int]], channel_dim: int, n: int,
                     dtype: torch.dtype) -> int:
-    """The extra memory a fusion may use (the memory target): its outputs plus its per-site
-    statistics (``t_i``: 4 N, pair mask: 4, block partials: at most 4 N bytes per site and
-    sample), plus 512 B of allocator rounding for each of its 4 buffers per group."""
+    """The extra memory a fusion may use (the memory target): its outputs plus its scratch
+    workspace (``maxfusion_kernels/ops/plan.py``: per site and channel chunk N means and
+    N (N + 1) / 2 co-moments, per site N saliencies and a pair mask, small per-block and
+    per-sample parts; docs/design.md states the bound), plus 512 B of allocator rounding for
+    each of its buffers (the workspace and the outputs)."""
+    from maxfusion_kernels.ops.plan import contiguous_plan
+
     elem = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for s in shapes:
-        b, c = int(s[0]), int(s[channel_dim % len(s)])
-        sites = numel(s) // (b * c)
-        total += numel(s) * elem + 4 * (2 * n + 1) * b * sites + 4 * 512
-    return total
+    outputs = sum(numel(s) for s in shapes) * elem
+    plan = contiguous_plan([tuple(int(v) for v in s) for s in shapes], channel_dim, n, elem)
+    return outputs + plan.workspace_bytes + 512 * (1 + len(shapes))
 
 
 def shrink(shapes: Sequence[Sequence[int]], channel_dim: int, max_elements: int | None):

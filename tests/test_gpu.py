@@ -93,7 +93,7 @@ def test_max_fuse_many_real_step(case, unmerge):
         compare_with_reference(grp, res, info, unmerge=unmerge, max_excluded=0.01)
 
 
-def test_max_fuse_many_two_kernels_and_graph_capture():
+def test_max_fuse_many_three_kernels_and_graph_capture():
     shapes = TABLE["sd15_controlnet_512"]["shapes"]
     groups = [make_features(s, 2, dtype=torch.float16, device="cuda", seed=k)
               for k, s in enumerate(shapes)]
@@ -102,12 +102,44 @@ def test_max_fuse_many_two_kernels_and_graph_capture():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         mk.max_fuse_many(groups)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and "many_kernel" in e.name]
-    assert len(kernels) == 2, [e.name for e in kernels]
+    names = ("stats_kernel", "combine_kernel", "write_kernel")
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and any(k in e.name for k in names)]
+    assert sorted(kernels) == sorted(names), kernels
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = mk.max_fuse_many(groups)
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(captured, expected))
+
+
+def test_first_call_inside_a_capture():
+    """A shape list never seen before, first met inside a CUDA graph capture: the group table
+    is uploaded without a host sync (pinned memory, captured copy) and kept alive."""
+    shapes = [(2, 320, 24, 40), (2, 640, 12, 20), (2, 1280, 6, 10)]  # not used elsewhere
+    groups = [make_features(s, 2, dtype=torch.float16, device="cuda", seed=k)
+              for k, s in enumerate(shapes)]
+    mk.max_fuse_many([[g[0][:1], g[1][:1]] for g in groups])  # compile the kernels only
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mk.max_fuse_many(groups)
+    for _ in range(300):  # more new shape lists than the table cache holds
+        mk.max_fuse_many([[torch.randn(1, 8, 3, 1 + k % 7, device="cuda")] * 2])
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = mk.max_fuse_many(groups)
+    assert all(torch.equal(a, b) for a, b in zip(captured, expected))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_second_device():
+    """Launched on the inputs' device whatever device is current (the launcher's guard)."""
+    feats = make_features((2, 320, 32, 32), 2, dtype=torch.float16, device="cuda:1", seed=3)
+    with torch.cuda.device(1):
+        want = mk.max_fuse(feats, unmerge=True)
+    with torch.cuda.device(0):
+        got = mk.max_fuse(feats, unmerge=True)
+        check_fusion(feats, backend="triton", max_excluded=0.01)
+    assert all(g.device == feats[0].device and torch.equal(g, w) for g, w in zip(got, want))

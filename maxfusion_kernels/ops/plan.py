@@ -240,3 +240,27 @@ def plan_launch(shapes: list[GroupShape], n: int, elem_bytes: int, channels_fast
         n_part1=p1, n_t=n * n_sites, n_bits=n_sites, n_part2=p2, n_total=n * rows_total,
         n_tickets=rows_total,
     )
+
+
+def contiguous_plan(shapes: list[tuple[int, ...]], channel_dim: int, n: int, elem_bytes: int,
+                    batch_normalizer: bool = False) -> LaunchPlan:
+    """The plan of one call on contiguous tensors of these shapes (one group each), as the
+    launcher would make it: for tests, benchmarks and the performance model (host only)."""
+    groups, site_off = [], 0
+    channels_fast = True
+    for shape in shapes:
+        cd = channel_dim % len(shape)
+        b, c = shape[0], shape[cd]
+        sites = 1
+        for d, size in enumerate(shape):
+            if d not in (0, cd):
+                sites *= size
+        if cd == len(shape) - 1 or sites == 1:  # channels contiguous: tokens, [B, C]
+            strides = (c * sites, 1, c, 0)
+        else:  # sites contiguous after the channel dim: NCHW maps, video
+            strides = (c * sites, sites, 1, 0)
+            channels_fast = False
+        groups.append(GroupShape(batch=b, channels=c, sites=sites, inner=1, in_strides=strides,
+                                 out_strides=strides, site_off=site_off))
+        site_off += b * sites
+    return plan_launch(groups, n, elem_bytes, channels_fast, batch_normalizer)
