@@ -125,8 +125,8 @@ def test_first_call_inside_a_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = mk.max_fuse_many(groups)
-    for _ in range(300):  # more new shape lists than the table cache holds
-        mk.max_fuse_many([[torch.randn(1, 8, 3, 1 + k % 7, device="cuda")] * 2])
+    for k in range(300):  # more new shape lists than the table cache holds
+        mk.max_fuse_many([[torch.randn(1, 8, 2 + k, device="cuda")] * 2])
     graph.replay()
     torch.cuda.synchronize()
     expected = mk.max_fuse_many(groups)
