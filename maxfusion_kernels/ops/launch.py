@@ -103,11 +103,29 @@ def mask_rows(mask: torch.Tensor, batch: int, sites: int) -> tuple[torch.Tensor,
 # ----------------------------------------------------------------------------------------
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _upload(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(device table, host source)``. On CUDA the host source is pinned and the copy is
+    asynchronous: no host sync, so it is captured as a copy node inside a CUDA graph capture
+    (the pinned source must then outlive the graph: the cache keeps it with the table)."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device), host
+    host = host.pin_memory()
+    table = torch.empty(host.shape, dtype=torch.int64, device=device)
+    table.copy_(host, non_blocking=True)
+    return table, host
+
+
 class _TableCache:
-    """Device copies of per-group tables, by content. A table used while a CUDA graph is being
-    captured is never evicted (the graph replays its address); the others are evicted least
-    recently used first. Uploads go through pinned memory without a host sync, so a first call
-    inside a capture is captured as a copy node (the pinned source is kept with the table)."""
+    """Device copies of per-group tables, by content (a pipeline's residual shapes repeat every
+    step, so a table is uploaded once). A table used while a CUDA graph is being captured is
+    never evicted, since the graph replays its address; the others are evicted least recently
+    used first, beyond ``limit``."""
 
     def __init__(self, limit: int = 256):
         self.limit = limit
@@ -118,28 +136,17 @@ class _TableCache:
         key = (str(device), tuple(map(tuple, rows)))
         entry = self.entries.get(key)
         if entry is None:
-            host = torch.tensor(rows, dtype=torch.int64)
-            if device.type == "cuda":
-                host = host.pin_memory()
-                table = torch.empty(host.shape, dtype=torch.int64, device=device)
-                table.copy_(host, non_blocking=True)
-            else:
-                table = host
-            entry = (table, host)
-            self.entries[key] = entry
+            entry = self.entries[key] = _upload(rows, device)
         else:
             self.entries.move_to_end(key)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if _capturing(device):
             self.captured.add(key)
-        self._evict()
-        return entry[0]
-
-    def _evict(self) -> None:
-        for key in list(self.entries):
+        for old in list(self.entries):
             if len(self.entries) <= self.limit:
-                return
-            if key not in self.captured:
-                del self.entries[key]
+                break
+            if old not in self.captured:
+                del self.entries[old]
+        return entry[0]
 
 
 TABLES = _TableCache()

@@ -1,0 +1,94 @@
+"""The launcher's host side (``maxfusion_kernels/ops/launch.py``), on CPU: the launches happen
+on the inputs' device (a device guard around them), the per-group table cache keeps every table
+a CUDA graph capture used, and the layout and alignment decisions."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from utils import make_features
+
+import maxfusion_kernels as mk
+from maxfusion_kernels.ops import launch
+from maxfusion_kernels.ops import plan as P
+
+
+def test_launches_run_under_the_inputs_device_guard(monkeypatch, device):
+    events = []
+
+    @contextlib.contextmanager
+    def guard(dev):
+        events.append(("enter", dev))
+        yield
+        events.append(("exit", dev))
+
+    real_launch = launch._launch
+
+    def recording_launch(kernel, grid, args, consts, dev):
+        events.append(("launch", kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)))
+        real_launch(kernel, grid, args, consts, dev)
+
+    monkeypatch.setattr(launch, "_device_guard", guard)
+    monkeypatch.setattr(launch, "_launch", recording_launch)
+    feats = make_features((2, 8, 5, 5), 2, device=device)
+    mk.max_fuse(feats, backend="triton")
+    assert [e[0] for e in events] == ["enter", "launch", "launch", "launch", "exit"]
+    assert events[0][1] == feats[0].device
+
+
+def test_device_guard_is_a_cuda_device_context_for_cuda_tensors():
+    # what the guard is on a GPU (the device context is created, not entered: no CUDA here)
+    assert isinstance(launch._device_guard(torch.device("cuda", 1)), torch.cuda.device)
+    assert isinstance(launch._device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_table_cache_keeps_captured_tables(monkeypatch):
+    cache = launch._TableCache(limit=3)
+    capturing = {"now": True}
+    monkeypatch.setattr(launch, "_capturing", lambda dev: capturing["now"])
+    cpu = torch.device("cpu")
+    captured = [cache.get([[k, 1, 2]], cpu) for k in range(2)]  # used inside a capture
+    capturing["now"] = False
+    for k in range(2, 12):
+        cache.get([[k, 1, 2]], cpu)
+    keys = [key[1][0][0] for key in cache.entries]
+    assert keys[:2] == [0, 1], "tables used in a capture are never evicted"
+    assert len(cache.entries) == 3
+    assert keys[-1] == 11
+    # the same content gives the very same tensor (no new upload)
+    assert cache.get([[0, 1, 2]], cpu) is captured[0]
+    assert torch.equal(captured[1], torch.tensor([[1, 1, 2]]))
+
+
+@pytest.mark.parametrize(
+    "make, kind, channels_fast",
+    [
+        (lambda: torch.empty(2, 8, 4, 6), P.SITES_CONTIG, False),  # NCHW
+        (lambda: torch.empty(2, 10, 8), P.CHANNELS_CONTIG, True),  # tokens, channel_dim=-1
+        (lambda: torch.empty(2, 8, 4, 6).contiguous(memory_format=torch.channels_last),
+         P.CHANNELS_CONTIG, True),
+        (lambda: torch.empty(2, 8, 4, 12)[..., ::2], P.GENERIC, False),  # two site runs
+        (lambda: torch.empty(2, 16, 1)[:, ::2], P.GENERIC, False),  # one site, channel stride 2
+    ],
+)
+def test_layout_kinds(make, kind, channels_fast):
+    x = make()
+    cd = 2 if x.dim() == 3 and kind == P.CHANNELS_CONTIG else 1
+    prep = launch.prepare([[x, x]], 1, cd)  # the same view twice: read in place
+    lay = prep.groups[0][2]
+    assert launch.layout_kind(lay) == kind
+    assert (lay.in_strides[1] == 1) == channels_fast
+
+
+def test_alignment_rules():
+    x = torch.empty(2, 8, 4, 4, dtype=torch.float16)  # 16 sites: multiples of 8 halves
+    lay = launch.prepare([[x, x]], 1, 1).groups[0][2]
+    assert launch.is_aligned(P.SITES_CONTIG, lay, [x], 2)
+    odd = torch.empty(2, 8, 3, 5, dtype=torch.float16)  # 15 sites: a row is not 16-byte long
+    lay_odd = launch.prepare([[odd, odd]], 1, 1).groups[0][2]
+    assert not launch.is_aligned(P.SITES_CONTIG, lay_odd, [odd], 2)
+    shifted = torch.empty(2 * 8 * 16 + 1, dtype=torch.float16)[1:].view(2, 8, 4, 4)
+    assert not launch.is_aligned(P.SITES_CONTIG, lay, [shifted], 2)  # starts 2 bytes in
+    assert not launch.is_aligned(P.GENERIC, lay, [x], 2)
