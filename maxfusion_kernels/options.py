@@ -2,7 +2,8 @@
 
 Every public entry point (the kernels, the torch path and the float64 reference) resolves its
 keyword arguments through :func:`resolve_options` and checks its inputs with
-:func:`check_features`, so that bad input gets the same clear exception whichever backend runs.
+:func:`check_features` (and regional masks with :func:`check_masks`), so that bad input gets the
+same clear exception whichever backend runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 MAX_INPUTS = 8
 """The largest number of inputs one fusion accepts (the kernels unroll over at most 8)."""
@@ -190,53 +192,128 @@ def resolve_options(
     )
 
 
+# mask tensors whose values were checked, -> the tensor's version counter at that check: a
+# mask is checked (one device-to-host sync) once per version, not at every call. Keyed by
+# identity (a tensor's ``==`` is elementwise, so ``weakref.WeakKeyDictionary`` cannot hold it).
+_CHECKED_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _skip_value_check(mask: torch.Tensor) -> bool:
+    """No value check where it would break the caller: while a CUDA graph is captured (a sync
+    is illegal there), while ``torch.compile`` traces (the values are not known), and for
+    tensors without data (``meta``)."""
+    if mask.device.type == "meta" or torch.compiler.is_compiling():
+        return True
+    return mask.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_mask_values(mask: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless every value of ``mask`` is in [0, 1] (NaN is not).
+
+    One device-to-host sync, made once per version of ``mask`` (an in-place change bumps
+    the version and the mask is checked again). Inference tensors have no version counter:
+    they are checked at every call.
+    """
+    if _skip_value_check(mask):
+        return
+    version = None if mask.is_inference() else mask._version
+    if version is not None and _CHECKED_MASKS.get(mask) == version:
+        return
+    if not bool(((mask >= 0) & (mask <= 1)).all()):  # NaN fails both comparisons
+        nan = int(torch.isnan(mask).sum())
+        finite = mask[~torch.isnan(mask)]
+        span = (f"min {float(finite.min()):g}, max {float(finite.max()):g}"
+                if finite.numel() else "no number")
+        raise ValueError(
+            f"{name} must have values in [0, 1] (0 removes the input at a site, 1 keeps it "
+            f"whole); it has {span}" + (f" and {nan} NaN" if nan else "")
+        )
+    if version is not None:
+        _CHECKED_MASKS[mask] = version
+
+
+def check_masks(masks: object, features: Sequence[torch.Tensor], channel_dim: int, *,
+                what: str = "masks") -> list[torch.Tensor | None]:
+    """Check regional masks against checked ``features``; return one entry per input.
+
+    ``masks``: a sequence of N entries, each ``None`` (1 everywhere) or a floating tensor on
+    the features' device that broadcasts to ``[B, *sites]``: either with the features' number
+    of dims and size 1 at ``channel_dim`` (``[1, 1, H, W]``, ``[B, 1, H, W]`` for NCHW maps,
+    ``[B, L, 1]`` for tokens), or with fewer dims, aligned from the right against
+    ``[B, *sites]`` (``[B, H, W]``, ``[H, W]``, ``[B, L]``). ``channel_dim`` is the features'
+    channel dim, already resolved (non-negative).
+
+    Returns each mask as a view ``[Bm, *sites]`` (``Bm`` = 1 or B; size-1 site dims expanded
+    with stride 0, nothing copied), in its own floating dtype, or ``None``.
+
+    Raises ``TypeError`` (not a sequence, an entry that is not a tensor, an integer, bool or
+    complex dtype) or ``ValueError`` (a wrong number of entries, another device, a shape that
+    does not broadcast, a value outside [0, 1] or NaN), naming ``{what}[i]``. The values are
+    checked with one device-to-host sync per mask, once per version of the tensor; not while
+    a CUDA graph is captured nor while ``torch.compile`` traces.
+    """
+    n = len(features)
+    if isinstance(masks, (torch.Tensor, str, bytes)) or not isinstance(masks, Sequence):
+        raise TypeError(
+            f"{what} must be a list or tuple with one entry (a tensor or None) per input, "
+            f"got {type(masks).__name__}"
+        )
+    if len(masks) != n:
+        raise ValueError(f"{what} has {len(masks)} entries but there are {n} features "
+                         "(one mask or None per input)")
+    f0 = features[0]
+    site_dims = [d for d in range(1, f0.dim()) if d != channel_dim]
+    target = (f0.shape[0], *(f0.shape[d] for d in site_dims))  # [B, *sites]
+    out: list[torch.Tensor | None] = []
+    for i, m in enumerate(masks):
+        name = f"{what}[{i}]"
+        if m is None:
+            out.append(None)
+            continue
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(m).__name__}")
+        if not m.is_floating_point():
+            hint = (" (convert a bool or integer mask with .float(), a uint8 image with "
+                    "/ 255)" if not m.is_complex() else "")
+            raise TypeError(f"{name} must have a floating dtype with values in [0, 1], got "
+                            f"{m.dtype}{hint}")
+        if m.device != f0.device:
+            raise ValueError(f"{name} is on {m.device} but the features are on {f0.device}")
+        out.append(_broadcast_mask(m, name, f0, channel_dim, target))
+        _check_mask_values(m, name)
+    return out
+
+
+def _broadcast_mask(m: torch.Tensor, name: str, f0: torch.Tensor, channel_dim: int,
+                    target: tuple[int, ...]) -> torch.Tensor:
+    """``m`` as a ``[Bm, *sites]`` view (see :func:`check_masks`)."""
+    shape_msg = (f"{name} has shape {tuple(m.shape)}, which does not broadcast to [B, *sites] "
+                 f"= {list(target)} of features of shape {tuple(f0.shape)} (channels at dim "
+                 f"{channel_dim})")
+    v = m
+    if m.dim() == f0.dim():
+        if m.shape[channel_dim] != 1:
+            raise ValueError(f"{shape_msg}: a mask with the features' {f0.dim()} dims needs "
+                             f"size 1 at the channel dim {channel_dim}")
+        v = m.squeeze(channel_dim)
+    elif m.dim() > len(target):
+        raise ValueError(f"{shape_msg}: it has more dims than the features' sites")
+    v = v[(None,) * (len(target) - v.dim())]  # align from the right
+    for size, want in zip(v.shape, target):
+        if size not in (1, want):
+            raise ValueError(shape_msg)
+    return v.expand(v.shape[0], *target[1:])
+
+
 @dataclass
 class FuseInfo:
     """What a fusion decided, per site (``return_info=True``).
 
     ``winner``: int64 tensor ``[B, *sites]``, the index of the winning input at each site.
     ``members``: bool tensor ``[N, B, *sites]``, the group ``G`` of SPEC.md (inputs averaged
-    into the merged output; always includes the winner).
+    into the merged output; includes the winner, except at a site where every input is
+    removed by a weight or mask of 0: no member there).
     """
 
     winner: torch.Tensor
     members: torch.Tensor
-
-
-def check_masks(masks: object, features: Sequence[torch.Tensor], channel_dim: int,
-                *, what: str = "masks") -> list[torch.Tensor | None]:
-    """Check N per-input masks; return each as a float tensor ``[Bm, *sites]`` (Bm = 1 or B)."""
-    if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence):
-        raise TypeError(f"{what} must be a list with one entry per input, got "
-                        f"{type(masks).__name__}")
-    if len(masks) != len(features):
-        raise ValueError(f"{what} has {len(masks)} entries but there are {len(features)} "
-                         "features")
-    f0 = features[0]
-    site_shape = [f0.shape[0]] + [s for d, s in enumerate(f0.shape) if d not in (0, channel_dim)]
-    out: list[torch.Tensor | None] = []
-    for i, m in enumerate(masks):
-        if m is None:
-            out.append(None)
-            continue
-        if not isinstance(m, torch.Tensor):
-            raise TypeError(f"{what}[{i}] must be a tensor or None, got {type(m).__name__}")
-        if not m.is_floating_point():
-            raise TypeError(f"{what}[{i}] must have a floating dtype, got {m.dtype}")
-        if m.device != f0.device:
-            raise ValueError(f"{what}[{i}] is on {m.device} but the features are on "
-                             f"{f0.device}")
-        if m.dim() == f0.dim():
-            if m.shape[channel_dim] != 1:
-                raise ValueError(f"{what}[{i}] has shape {tuple(m.shape)}: size "
-                                 f"{m.shape[channel_dim]} at the channel dim, must be 1")
-            m = m.squeeze(channel_dim)
-        while m.dim() < len(site_shape):
-            m = m.unsqueeze(0)
-        try:
-            m = torch.broadcast_to(m, [1 if m.shape[0] == 1 else site_shape[0], *site_shape[1:]])
-        except RuntimeError:
-            raise ValueError(f"{what}[{i}] has shape {tuple(m.shape)}, which does not "
-                             f"broadcast to the sites {tuple(site_shape)}") from None
-        out.append(m)
-    return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import FuseInfo, check_features, resolve_options
+from .options import FuseInfo, check_features, check_masks, resolve_options
 
 
 def max_fuse(
@@ -26,6 +26,7 @@ def max_fuse(
     normalize: str | None = None,
     weights: Sequence[float] | None = None,
     channel_dim: int = 1,
+    masks: Sequence[torch.Tensor | None] | None = None,
     return_info: bool = False,
     dtype: torch.dtype = torch.float64,
 ):
@@ -39,18 +40,21 @@ def max_fuse(
         feats, threshold=threshold, unmerge=unmerge, preset=preset, correlation=correlation,
         saliency=saliency, normalize=normalize, weights=weights, channel_dim=channel_dim,
     )
-    x, removed, stats = _prepare(feats, opt, dtype)
+    ms = None if masks is None else check_masks(masks, feats, opt.channel_dim)
+    x, removed, stats = _prepare(feats, opt, dtype, ms)
     n = len(feats)
     std, corr, a = stats.std, stats.corr, stats.saliency
-    winner = a.argmax(dim=0)  # the first (smallest) index among the maxima
+    # the first (smallest) index among the maxima; 0 where every input is removed
+    winner = a.argmax(dim=0)
 
     idx = torch.arange(n, device=x.device).view(n, *[1] * winner.dim())
     is_winner = idx == winner
     corr_to_winner = torch.gather(corr, 1, winner.expand(n, *winner.shape)[:, None])[:, 0]
-    members = is_winner | ((corr_to_winner > opt.threshold) & ~removed)
+    # a removed input is never a member: where every input is removed the group is empty
+    members = (is_winner | (corr_to_winner > opt.threshold)) & ~removed
 
     m = members.to(dtype)[..., None]
-    out = (m * x).sum(dim=0) / m.sum(dim=0)
+    out = (m * x).sum(dim=0) / m.sum(dim=0).clamp(min=1)  # 0 where the group is empty
     # a site where a present input's statistic is not finite gives NaN there, and only there
     poison = (~torch.isfinite(stats.var) & ~removed).any(dim=0)[..., None]
     out = torch.where(poison, torch.nan, out)
@@ -78,28 +82,37 @@ class SiteStatistics:
     std: torch.Tensor  # [N, B, *sites]
     corr: torch.Tensor  # [N, N, B, *sites] correlation of every pair (0 for a zero denominator)
     saliency: torch.Tensor  # [N, B, *sites] a_i = t_i / T_i; -1 for a removed input
+    present: torch.Tensor  # [N, B, *sites] bool: not removed by a weight or a mask of 0
 
 
-def site_statistics(features: Sequence[torch.Tensor], *, dtype=torch.float64, **options):
+def site_statistics(features: Sequence[torch.Tensor], *, dtype=torch.float64, masks=None,
+                    **options):
     """The per-site statistics :func:`max_fuse` decides from (same options), for tests that
     need to know how close a decision was to a tie."""
     feats = check_features(features)
     options.pop("unmerge", None)
     options.pop("return_info", None)
     opt = resolve_options(feats, **options)
-    return _prepare(feats, opt, dtype)[2]
+    ms = None if masks is None else check_masks(masks, feats, opt.channel_dim)
+    return _prepare(feats, opt, dtype, ms)[2]
 
 
-def _prepare(feats, opt, dtype):
-    """Weighted inputs ``[N, B, *sites, C]``, the removed mask and the site statistics."""
+def _prepare(feats, opt, dtype, masks=None):
+    """Weighted (and masked) inputs ``[N, B, *sites, C]``, the removed sites ``[N, B,
+    *sites]`` and the site statistics. ``masks``: checked ``[Bm, *sites]`` views or None."""
     n = len(feats)
     # channels last, so every statistic is a reduction over dim -1
     x = torch.stack([f.to(dtype).movedim(opt.channel_dim, -1) for f in feats])
     w = torch.tensor(opt.weights if opt.weights is not None else [1.0] * n, dtype=dtype)
-    w = w.to(x.device).view(n, *[1] * (x.dim() - 1))
-    # weights act on the inputs before anything else; a weight of 0 zeroes even inf or NaN
-    x = torch.where(w == 0, 0, x * w)
-    removed = (w == 0).view(n, *[1] * (x.dim() - 2))  # a weight of 0 removes the input
+    w = w.to(x.device).view(n, *[1] * (x.dim() - 2))
+    # per input and site, the weight times the mask: f_i(p) <- alpha_i * m_i(p) * f_i(p)
+    ones = torch.ones((1,) * (x.dim() - 2), dtype=dtype, device=x.device)
+    m = torch.stack([ones.expand(x.shape[1:-1]) if mi is None
+                     else mi.to(dtype).expand(x.shape[1:-1])
+                     for mi in (masks if masks is not None else [None] * n)])
+    removed = (w == 0) | (m == 0)  # [N, B, *sites]: input i is removed at these sites
+    # applied before anything else; a removed input is zeroed, even where it is inf or NaN
+    x = torch.where(removed[..., None], 0, x * w[..., None] * m[..., None])
 
     var = x.var(dim=-1, unbiased=True)  # [N, B, *sites]
     std = var.sqrt()
@@ -121,4 +134,5 @@ def _prepare(feats, opt, dtype):
     a = torch.where(total > 0, t / torch.where(total > 0, total, 1), 0)
     a = torch.where(removed, -1.0, a)  # a removed input never wins over a present one
     a = torch.where(~removed & ~finite, -1.5, a)  # nor does a non-finite one
-    return x, removed, SiteStatistics(var=var, std=std, corr=corr, saliency=a)
+    return x, removed, SiteStatistics(var=var, std=std, corr=corr, saliency=a,
+                                      present=~removed)

@@ -14,9 +14,15 @@ from .options import FuseOptions
 
 
 def fuse_torch(
-    feats: list[torch.Tensor], opt: FuseOptions, return_info: bool
+    feats: list[torch.Tensor], opt: FuseOptions, return_info: bool,
+    masks: list[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """Fuse checked ``feats`` with resolved ``opt``.
+
+    ``masks``: None, or N entries from :func:`maxfusion_kernels.options.check_masks` (each
+    ``None`` or a ``[Bm, *sites]`` view with values in [0, 1]): per-site weights applied
+    after ``opt.weights``, ``(f * alpha) * m``; a 0 removes the input at that site. A mask of
+    ones multiplies by exactly 1, so it gives bitwise the result of no mask.
 
     Returns ``(outputs, winner, members)``: one output (merge) or N (unmerge), each shaped and
     laid out like ``feats[0]`` in its dtype; ``winner`` ``[B, *sites]`` int64 and ``members``
@@ -47,6 +53,19 @@ def fuse_torch(
     if opt.weights is not None:  # a weight of 0 zeroes its input, inf and NaN included
         wt = torch.tensor(weights, dtype=acc, device=f0.device)[:, None, None, None]
         x = torch.where(wt == 0, 0, x * wt)
+    if masks is not None and any(m is not None for m in masks):
+        # per-site weights, in place on the stack (a fresh tensor): [Bm, S, 1] each, so no
+        # full-size copy of a mask; a mask of 0 zeroes its input there, inf and NaN included
+        site_present = []
+        for i, m in enumerate(masks):
+            if m is None:
+                site_present.append(torch.ones((b, n_sites), dtype=torch.bool,
+                                               device=f0.device))
+                continue
+            mi = m.reshape(m.shape[0], n_sites, 1).to(acc)
+            x[i].mul_(mi).masked_fill_(mi == 0, 0.0)
+            site_present.append((mi[..., 0] != 0).expand(b, n_sites))
+        present = present & torch.stack(site_present)  # [N, B, S]
 
     # --- per-site statistics -------------------------------------------------------------
     centred = x - x.mean(dim=3, keepdim=True)
@@ -78,11 +97,12 @@ def fuse_torch(
     idx = torch.arange(n, device=f0.device)[:, None, None]
     is_winner = idx == winner
     corr_w = torch.gather(corr, 1, winner.expand(n, b, -1)[:, None])[:, 0]  # [N, B, S]
-    members = is_winner | ((corr_w > opt.threshold) & present)
+    # a removed input is never a member: where every input is removed the group is empty
+    members = (is_winner | (corr_w > opt.threshold)) & present
 
     # --- the fused output ------------------------------------------------------------------
     m = members.to(acc)
-    out = (m[..., None] * x).sum(dim=0) / m.sum(dim=0)[..., None]
+    out = (m[..., None] * x).sum(dim=0) / m.sum(dim=0).clamp_min(1)[..., None]
     poison = (present & ~finite).any(dim=0)[..., None]  # [B, S, 1]
     out = torch.where(poison, torch.nan, out)
     if opt.unmerge:

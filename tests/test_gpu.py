@@ -143,3 +143,17 @@ def test_tensors_on_a_second_device():
         got = mk.max_fuse(feats, unmerge=True)
         check_fusion(feats, backend="triton", max_excluded=0.01)
     assert all(g.device == feats[0].device and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_mask_values_are_not_checked_during_graph_capture():
+    """The mask value check needs a host sync: it is skipped while a CUDA graph is captured
+    (check the masks once before capturing)."""
+    from maxfusion_kernels.options import check_masks
+
+    feats = make_features((2, 8, 4, 4), 2, device="cuda")
+    mask = torch.full((2, 4, 4), 0.5, device="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        checked = check_masks([mask, None], feats, 1)
+    assert checked[0].shape == (2, 4, 4) and checked[1] is None

@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) against the float64 reference: random N, shapes, layouts,
-strides, dtypes, options, weights, merge and unmerge, on both backends. Decisions must agree
+strides, dtypes, options, weights, regional masks (soft, hard or mixed, in every broadcast
+form), merge and unmerge, on both backends. Decisions must agree
 with the reference except at near-ties (tests/utils.py states the margins); each example
 reports how many sites it excluded. The examples are derandomized, so CI runs the same set
 every time: 200 on the torch path and 150 through the Triton kernels (interpreted on CPU).
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from utils import check_fusion, make_features, tie_sites
+from utils import MASK_KINDS, check_fusion, make_features, make_masks, tie_sites
 
 import maxfusion_kernels as mk
 from maxfusion_kernels import reference
@@ -53,7 +54,34 @@ def fusion_cases(draw):
     if draw(st.booleans()):
         options["weights"] = draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]),
                                            min_size=n, max_size=n))
+    if draw(st.booleans()):
+        options["masks"] = draw(mask_sets(shape, n, cd))
     return feats, options
+
+
+@st.composite
+def mask_sets(draw, shape, n, cd):
+    """N masks for features of ``shape``: each None or a soft / hard / mixed mask in one of
+    the accepted forms (``[B, *sites]``, ``[1, *sites]``, the features' dims with size 1 at the
+    channel dim, fewer dims aligned from the right, size-1 site dims that broadcast)."""
+    kind = draw(st.sampled_from(MASK_KINDS))
+    batch_one = draw(st.booleans())
+    full = make_masks(shape, n, kind=kind, channel_dim=cd, seed=draw(st.integers(0, 2**16)),
+                      batch_one=batch_one, keep_one=draw(st.booleans()))
+    masks = []
+    for m in full:  # [Bm, *sites]
+        form = draw(st.sampled_from(["sites", "with channel", "drop batch", "broadcast site",
+                                     "none"]))
+        if form == "with channel":
+            m = m.unsqueeze(cd)
+        elif form == "drop batch" and batch_one:
+            m = m[0]
+        elif form == "broadcast site" and m.dim() > 1:
+            m = m[:, :1]  # the first site dim broadcasts
+        elif form == "none":
+            m = None
+        masks.append(m)
+    return masks
 
 
 def _check(case, backend):
@@ -82,14 +110,18 @@ def test_input_order_changes_only_the_tie_rule(case, perm):
     order = [p for p in perm if p < n]
     options = {k: v for k, v in options.items() if k != "unmerge"}
     weights = options.pop("weights", None)
-    out, info = mk.max_fuse(feats, return_info=True, weights=weights, backend="torch", **options)
+    masks = options.pop("masks", None)
+    out, info = mk.max_fuse(feats, return_info=True, weights=weights, masks=masks,
+                            backend="torch", **options)
     shuffled_w = [weights[p] for p in order] if weights else None
+    shuffled_m = [masks[p] for p in order] if masks else None
     out_p, info_p = mk.max_fuse([feats[p] for p in order], return_info=True, weights=shuffled_w,
-                                backend="torch", **options)
-    _, info_ref = reference.max_fuse(feats, return_info=True, weights=weights, **options)
+                                masks=shuffled_m, backend="torch", **options)
+    _, info_ref = reference.max_fuse(feats, return_info=True, weights=weights, masks=masks,
+                                     **options)
     opts = {k: v for k, v in options.items() if k != "threshold"}
     keep = ~tie_sites(feats, info_ref, threshold=options.get("threshold", 0.7),
-                      weights=weights, **opts)
+                      weights=weights, masks=masks, **opts)
     # the winner is the same model, under its new index
     mapped = torch.tensor(order)[info_p.winner]
     assert torch.equal(mapped[keep], info.winner[keep])

@@ -61,7 +61,8 @@ def tie_sites(features, info_ref, *, threshold: float = 0.7, **options) -> torch
     near_saliency = (a_w - runner_up) <= SALIENCY_MARGIN * a_w.abs() + 1e-12
     corr_w = torch.gather(corr, 1, w.expand(n, *w.shape)[:, None])[:, 0]  # [N, B, *sites]
     not_w = torch.arange(n).view(n, *[1] * w.dim()) != w
-    near_corr = ((corr_w - threshold).abs() < CORR_MARGIN) & not_w
+    # an input removed at a site (weight or mask 0) never joins a group there
+    near_corr = ((corr_w - threshold).abs() < CORR_MARGIN) & not_w & stats.present
     return near_saliency | near_corr.any(dim=0)
 
 
@@ -128,3 +129,37 @@ def make_features(shape, n: int, *, dtype=torch.float32, channel_dim: int = 1, s
         f = torch.where(agree, base * (1.0 + 0.3 * k) + 0.05 * noise, noise * scale)
         feats.append(f.to(dtype).to(device))
     return feats
+
+
+MASK_KINDS = ("soft", "hard", "mixed")
+
+
+def make_masks(shape, n: int, *, kind: str = "soft", channel_dim: int = 1, seed: int = 0,
+               batch_one: bool = False, device="cpu", keep_one: bool = True
+               ) -> list[torch.Tensor]:
+    """N float32 masks ``[B or 1, *sites]`` for features of ``shape``.
+
+    ``kind``: ``"soft"`` uniform in (0, 1]; ``"hard"`` 0 or 1 (about 40 % zeros); ``"mixed"``
+    soft with about 30 % exact zeros. ``keep_one``: at a site where every mask would be 0, one
+    input (chosen at random) gets 1, so no site is removed for every input (sites removed for
+    all inputs are exact ties, decided by convention; tests/test_masks.py checks them).
+    """
+    g = torch.Generator().manual_seed(seed)
+    cd = channel_dim % len(shape)
+    sites = [s for d, s in enumerate(shape) if d not in (0, cd)]
+    m_shape = (1 if batch_one else shape[0], *sites)
+    soft = 1.0 - torch.rand((n, *m_shape), generator=g)  # (0, 1]
+    if kind == "soft":
+        m = soft
+    elif kind == "hard":
+        m = (torch.rand((n, *m_shape), generator=g) >= 0.4).float()
+    elif kind == "mixed":
+        m = torch.where(torch.rand((n, *m_shape), generator=g) < 0.3, 0.0, soft)
+    else:
+        raise ValueError(kind)
+    if keep_one:
+        dead = (m == 0).all(dim=0)
+        pick = torch.randint(0, n, m_shape, generator=g)
+        for i in range(n):
+            m[i] = torch.where(dead & (pick == i), 1.0, m[i])
+    return [mi.to(device) for mi in m]

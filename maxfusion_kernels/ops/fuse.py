@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..options import BACKENDS as _BACKENDS
-from ..options import FuseInfo, FuseOptions, check_features, resolve_options
+from ..options import FuseInfo, FuseOptions, check_features, check_masks, resolve_options
 from ..torch_backend import fuse_torch
 from .launch import HAS_TRITON, fuse_groups
 
@@ -236,11 +236,9 @@ def max_fuse(
     return result
 
 
-def _check_masks(masks, feats, channel_dim):
-    """Checked masks ``[Bm, *sites]`` (see ``options.check_masks``), or None."""
+def _check_masks(masks, feats, channel_dim, what="masks"):
+    """Checked masks ``[Bm, *sites]`` (``options.check_masks``), or None when none is set."""
     if masks is None:
         return None
-    from ..options import check_masks
-
-    checked = check_masks(masks, feats, channel_dim)
+    checked = check_masks(masks, feats, channel_dim, what=what)
     return None if all(m is None for m in checked) else checked

@@ -193,14 +193,16 @@ def max_fuse_many(
 
 
 def _check_group_masks(masks, groups, opts):
-    """Per group the checked masks (or None); None when no mask is given at all."""
+    """``masks`` checked per group (messages name ``masks[k][i]``): one entry per group (None
+    or N checked masks), or None when no mask is set at all."""
     if masks is None:
         return None
-    if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence):
-        raise TypeError(f"masks must be a list with one entry per group, got "
-                        f"{type(masks).__name__}")
+    if isinstance(masks, (torch.Tensor, str, bytes)) or not isinstance(masks, Sequence):
+        raise TypeError("masks must be a list with one entry per group (None or a list of N "
+                        f"masks), got {type(masks).__name__}")
     if len(masks) != len(groups):
-        raise ValueError(f"masks has {len(masks)} entries but there are {len(groups)} groups")
-    checked = [None if m is None else _check_masks(m, grp, o.channel_dim)
-               for m, grp, o in zip(masks, groups, opts)]
-    return None if all(m is None for m in checked) else checked
+        raise ValueError(f"masks has {len(masks)} entries but there are {len(groups)} groups "
+                         "(one entry, None or N masks, per group)")
+    checked = [None if ms is None else _check_masks(ms, grp, o.channel_dim, what=f"masks[{k}]")
+               for k, (ms, grp, o) in enumerate(zip(masks, groups, opts))]
+    return None if all(ms is None for ms in checked) else checked
