@@ -20,18 +20,6 @@ from maxfusion_kernels import reference
 
 BACKENDS = ["triton", "torch"]
 
-# Masked calls run the torch path whatever the backend until the Triton kernels take masks
-# (maxfusion_kernels/ops/fuse.py, "TEMPORARY"). Exact comparisons of a masked call with an
-# unmasked one therefore compare with the unmasked torch path; set this to False when the
-# kernels take masks, and the same tests compare the kernels with themselves.
-MASKED_CALLS_USE_TORCH_PATH = True
-
-
-def unmasked_backend(backend: str) -> str:
-    """The backend an unmasked call must use to be bitwise comparable with a masked one."""
-    return "torch" if MASKED_CALLS_USE_TORCH_PATH else backend
-
-
 def _outs(result, unmerge):
     return list(result) if unmerge else [result]
 
@@ -86,7 +74,7 @@ def test_masks_none_or_one_are_bitwise_no_masks(backend, unmerge, device):
     for a, b in zip(_outs(none, unmerge), _outs(plain, unmerge)):
         assert torch.equal(a, b)  # all None: the unmasked call itself
     ref, ref_info = mk.max_fuse(feats, unmerge=unmerge, return_info=True,
-                                backend=unmasked_backend(backend))
+                                backend=backend)
     ones = torch.ones(1, 1, 5, 6, device=device)
     for masks in ([ones] * 3, [ones[0], None, torch.ones(2, 5, 6, device=device)]):
         got, got_info = mk.max_fuse(feats, unmerge=unmerge, masks=masks, return_info=True,
@@ -105,7 +93,7 @@ def test_a_mask_of_zeros_equals_a_weight_of_zero(backend, unmerge, device):
     got, info = mk.max_fuse(feats, masks=[None, zeros, None], unmerge=unmerge,
                             return_info=True, backend=backend)
     want, want_info = mk.max_fuse(feats, weights=[1.0, 0.0, 1.0], unmerge=unmerge,
-                                  return_info=True, backend=unmasked_backend(backend))
+                                  return_info=True, backend=backend)
     for a, b in zip(_outs(got, unmerge), _outs(want, unmerge)):
         assert torch.equal(a, b)
     assert torch.equal(info.winner, want_info.winner)
@@ -119,7 +107,7 @@ def test_a_constant_mask_equals_that_weight(backend, device):
     c = [torch.full((1, 5, 5), v, device=device) for v in (0.5, 1.0, 0.25)]
     got = mk.max_fuse(feats, masks=c, unmerge=True, backend=backend)
     want = mk.max_fuse(feats, weights=[0.5, 1.0, 0.25], unmerge=True,
-                       backend=unmasked_backend(backend))
+                       backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
@@ -146,7 +134,7 @@ def test_mask_zero_at_sites_equals_a_zeroed_input_there(backend, unmerge, thresh
                             backend=backend)
     want, want_info = mk.max_fuse([feats[0], zeroed, feats[2]], unmerge=unmerge,
                                   threshold=threshold, return_info=True,
-                                  backend=unmasked_backend(backend))
+                                  backend=backend)
     for a, b in zip(_outs(got, unmerge), _outs(want, unmerge)):
         assert torch.equal(a, b)
     assert torch.equal(info.winner, want_info.winner)
@@ -225,11 +213,7 @@ def test_site_removed_for_every_input(backend, unmerge, device):
         assert (o.permute(0, 2, 3, 1)[dead] == 0).all()
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("triton", marks=pytest.mark.xfail(
-        reason="the Triton kernels still count the winner as a member where every weight is "
-               "0; their rewrite takes the rule over", strict=False)),
-    "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 def test_every_weight_zero_has_no_member(backend, device):
     feats = make_features((2, 8, 4, 4), 2, seed=7, device=device)
     if backend == "reference":
