@@ -8,25 +8,33 @@ traces into a single graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from .options import FuseOptions
 
 
-def fuse_torch(
-    feats: list[torch.Tensor], opt: FuseOptions, return_info: bool,
-    masks: list[torch.Tensor | None] | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-    """Fuse checked ``feats`` with resolved ``opt``.
+@dataclass
+class GroupStats:
+    """What the torch path knows about one group before its normaliser is complete."""
 
-    ``masks``: None, or N entries from :func:`maxfusion_kernels.options.check_masks` (each
-    ``None`` or a ``[Bm, *sites]`` view with values in [0, 1]): per-site weights applied
-    after ``opt.weights``, ``(f * alpha) * m``; a 0 removes the input at that site. A mask of
-    ones multiplies by exactly 1, so it gives bitwise the result of no mask.
+    x: torch.Tensor  # [N, B, S, C] weighted (and masked) inputs, accumulation dtype
+    present: torch.Tensor  # [N, 1, 1] or [N, B, S] bool: the input is not removed there
+    t: torch.Tensor  # [N, B, S] saliency statistic
+    std: torch.Tensor  # [N, B, S]
+    corr: torch.Tensor  # [N, N, B, S]
+    total: torch.Tensor  # [N, B, 1] (or [N, 1, 1], batch normaliser): local sums of t
+    like: torch.Tensor  # input 0, for the outputs' shape, layout and dtype
 
-    Returns ``(outputs, winner, members)``: one output (merge) or N (unmerge), each shaped and
-    laid out like ``feats[0]`` in its dtype; ``winner`` ``[B, *sites]`` int64 and ``members``
-    ``[N, B, *sites]`` bool when ``return_info`` (else ``None``).
+
+def group_stats(feats: list[torch.Tensor], opt: FuseOptions,
+                masks: list[torch.Tensor | None] | None = None) -> GroupStats | None:
+    """Everything but the decisions, for checked ``feats`` (None when there are no sites).
+
+    No tensor is built from host data here (weights are applied as Python scalars), so the
+    path needs no host-to-device copy and can be captured in a CUDA graph.
     """
     n = len(feats)
     f0 = feats[0]
@@ -34,25 +42,22 @@ def fuse_torch(
     acc = torch.float64 if f0.dtype == torch.float64 else torch.float32
     moved_shape = f0.movedim(cd, 1).shape  # [B, C, *sites]
     b, c = moved_shape[0], moved_shape[1]
-    site_shape = moved_shape[2:]
-    weights = opt.weights if opt.weights is not None else (1.0,) * n
-    present = torch.tensor([wi != 0 for wi in weights], device=f0.device)[:, None, None]
-
     n_sites = 1
-    for size in site_shape:
+    for size in moved_shape[2:]:
         n_sites *= size
-    if b * n_sites == 0:  # nothing to fuse
-        outs = [torch.empty_like(f0) for _ in range(n if opt.unmerge else 1)]
-        if not return_info:
-            return outs, None, None
-        return (outs, f0.new_empty((b, *site_shape), dtype=torch.int64),
-                f0.new_empty((n, b, *site_shape), dtype=torch.bool))
+    if b * n_sites == 0:
+        return None
     # [N, B, S, C] in the accumulation dtype, the weights applied first: channels last, so
     # the channel reductions and the Gram matrix are contiguous batched products
     x = torch.stack([f.movedim(cd, -1).reshape(b, n_sites, c).to(acc) for f in feats])
-    if opt.weights is not None:  # a weight of 0 zeroes its input, inf and NaN included
-        wt = torch.tensor(weights, dtype=acc, device=f0.device)[:, None, None, None]
-        x = torch.where(wt == 0, 0, x * wt)
+    present = torch.ones((n, 1, 1), dtype=torch.bool, device=f0.device)
+    if opt.weights is not None:
+        for i, w in enumerate(opt.weights):
+            if w == 0:  # a weight of 0 zeroes its input, inf and NaN included
+                x[i].zero_()
+                present[i] = False
+            elif w != 1:
+                x[i].mul_(w)
     if masks is not None and any(m is not None for m in masks):
         # per-site weights, in place on the stack (a fresh tensor): [Bm, S, 1] each, so no
         # full-size copy of a mask; a mask of 0 zeroes its input there, inf and NaN included
@@ -67,7 +72,6 @@ def fuse_torch(
             site_present.append((mi[..., 0] != 0).expand(b, n_sites))
         present = present & torch.stack(site_present)  # [N, B, S]
 
-    # --- per-site statistics -------------------------------------------------------------
     centred = x - x.mean(dim=3, keepdim=True)
     var = (centred * centred).sum(dim=3) / (c - 1)  # [N, B, S] (faster than var_mean here)
     std = var.sqrt()
@@ -82,13 +86,21 @@ def fuse_torch(
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     corr = torch.where(denom > 0, gram / safe, torch.zeros_like(gram))
 
-    # --- normalised saliency and the winner ----------------------------------------------
     t = var if opt.use_variance else std
-    finite = torch.isfinite(t)
     # [N, B, 1]; a non-finite site stays confined to its own output
-    total = torch.where(finite, t, 0.0).sum(dim=2, keepdim=True)
+    total = torch.where(torch.isfinite(t), t, 0.0).sum(dim=2, keepdim=True)
     if opt.batch_normalizer:
         total = total.sum(dim=1, keepdim=True)
+    return GroupStats(x=x, present=present, t=t, std=std, corr=corr, total=total, like=f0)
+
+
+def group_finish(st: GroupStats, total: torch.Tensor, opt: FuseOptions, return_info: bool):
+    """Decisions and outputs of one group from its statistics and its (complete) ``total``."""
+    x, present, t, std = st.x, st.present, st.t, st.std
+    n, b = x.shape[0], x.shape[1]
+    f0, cd = st.like, opt.channel_dim
+    acc = x.dtype
+    finite = torch.isfinite(t)
     a = torch.where(total > 0, t / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
     a = torch.where(present, a, -1.0)
     a = torch.where(present & ~finite, -1.5, a)
@@ -96,11 +108,10 @@ def fuse_torch(
 
     idx = torch.arange(n, device=f0.device)[:, None, None]
     is_winner = idx == winner
-    corr_w = torch.gather(corr, 1, winner.expand(n, b, -1)[:, None])[:, 0]  # [N, B, S]
+    corr_w = torch.gather(st.corr, 1, winner.expand(n, b, -1)[:, None])[:, 0]  # [N, B, S]
     # a removed input is never a member: where every input is removed the group is empty
     members = (is_winner | (corr_w > opt.threshold)) & present
 
-    # --- the fused output ------------------------------------------------------------------
     m = members.to(acc)
     out = (m[..., None] * x).sum(dim=0) / m.sum(dim=0).clamp_min(1)[..., None]
     poison = (present & ~finite).any(dim=0)[..., None]  # [B, S, 1]
@@ -118,11 +129,60 @@ def fuse_torch(
         results = [_restore(out, f0, cd)]
     if not return_info:
         return results, None, None
-    return (
-        results,
-        winner.reshape(b, *site_shape),
-        members.reshape(n, b, *site_shape),
-    )
+    site_shape = f0.movedim(cd, 1).shape[2:]
+    return results, winner.reshape(b, *site_shape), members.reshape(n, b, *site_shape)
+
+
+def _empty_result(feats, opt, return_info):
+    f0 = feats[0]
+    n = len(feats)
+    moved = f0.movedim(opt.channel_dim, 1).shape
+    outs = [torch.empty_like(f0) for _ in range(n if opt.unmerge else 1)]
+    if not return_info:
+        return outs, None, None
+    return (outs, f0.new_empty((moved[0], *moved[2:]), dtype=torch.int64),
+            f0.new_empty((n, moved[0], *moved[2:]), dtype=torch.bool))
+
+
+def fuse_torch_groups(groups: list[list[torch.Tensor]], opts: list[FuseOptions],
+                      return_info: bool, masks=None,
+                      reduce_totals: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """Fuse every group; ``reduce_totals`` (e.g. a sum over the ranks of a process group)
+    is applied once to the local normalisers of all groups, concatenated."""
+    stats = [group_stats(grp, o, masks[k] if masks is not None else None)
+             for k, (grp, o) in enumerate(zip(groups, opts))]
+    totals = [st.total for st in stats if st is not None]
+    if reduce_totals is not None and totals:
+        flat = reduce_totals(torch.cat([t.reshape(-1) for t in totals]))
+        totals, off = [], 0
+        for st in stats:
+            if st is not None:
+                totals.append(flat[off:off + st.total.numel()].view_as(st.total))
+                off += st.total.numel()
+    results, it = [], iter(totals)
+    for grp, o, st in zip(groups, opts, stats):
+        results.append(_empty_result(grp, o, return_info) if st is None
+                       else group_finish(st, next(it), o, return_info))
+    return results
+
+
+def fuse_torch(
+    feats: list[torch.Tensor], opt: FuseOptions, return_info: bool,
+    masks: list[torch.Tensor | None] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """Fuse checked ``feats`` with resolved ``opt``.
+
+    ``masks``: None, or N entries from :func:`maxfusion_kernels.options.check_masks` (each
+    ``None`` or a ``[Bm, *sites]`` view with values in [0, 1]): per-site weights applied
+    after ``opt.weights``, ``(f * alpha) * m``; a 0 removes the input at that site. A mask of
+    ones multiplies by exactly 1, so it gives bitwise the result of no mask.
+
+    Returns ``(outputs, winner, members)``: one output (merge) or N (unmerge), each shaped and
+    laid out like ``feats[0]`` in its dtype; ``winner`` ``[B, *sites]`` int64 and ``members``
+    ``[N, B, *sites]`` bool when ``return_info`` (else ``None``).
+    """
+    return fuse_torch_groups([feats], [opt], return_info,
+                             None if masks is None else [masks])[0]
 
 
 def _restore(y: torch.Tensor, like: torch.Tensor, cd: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from utils import make_features
 
 import maxfusion_kernels as mk
 from maxfusion_kernels import reference
@@ -77,3 +78,23 @@ def test_weights_as_tensor_are_accepted():
     a = mk.max_fuse(feats, weights=torch.tensor([1.0, 0.5]), backend="torch")
     b = mk.max_fuse(feats, weights=[1.0, 0.5], backend="torch")
     assert torch.equal(a, b)
+
+
+def test_torch_path_builds_no_tensor_from_host_data(monkeypatch):
+    """The torch path makes no host-to-device copy (it could not be captured in a CUDA graph
+    on a GPU): no tensor is built from Python data during a call, weights included."""
+    from maxfusion_kernels.options import resolve_options
+    from maxfusion_kernels.torch_backend import fuse_torch
+
+    feats = make_features((2, 6, 4, 4), 3, seed=3)
+    opt = resolve_options(feats, weights=[1.0, 0.0, 0.5], preset="reference", unmerge=True)
+    masks = [None, torch.full((1, 4, 4), 0.5), None]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was built from host data")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    monkeypatch.setattr(torch, "as_tensor", refuse)
+    outs, winner, members = fuse_torch(feats, opt, True, masks=masks)
+    assert len(outs) == 3 and winner.shape == (2, 4, 4)
+    assert not members[1].any()  # weight 0: never a member

@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from ..options import check_features, resolve_options
-from ..torch_backend import fuse_torch
+from ..torch_backend import fuse_torch_groups
 from .fuse import _check_masks, choose_backend, eager_call, info_views, options_from_flags
 from .launch import fuse_groups
 
@@ -34,19 +34,13 @@ def fuse_all(groups, opt, return_info, masks, use_triton):
     info flat, groups one after the other."""
     if use_triton:
         return fuse_groups(groups, opt, return_info, masks)
-    outs, winners, members = [], [], []
-    for k, grp in enumerate(groups):
-        m = masks[k] if masks is not None else None
-        o = replace(opt, channel_dim=opt.channel_dim % grp[0].dim())
-        res, w, mem = (fuse_torch(grp, o, return_info, masks=m) if m is not None
-                       else fuse_torch(grp, o, return_info))
-        outs.append(res)
-        if return_info:
-            winners.append(w.reshape(-1))
-            members.append(mem.reshape(-1))
+    opts = [replace(opt, channel_dim=opt.channel_dim % grp[0].dim()) for grp in groups]
+    fused = fuse_torch_groups(groups, opts, return_info, masks)
+    outs = [res for res, _, _ in fused]
     if not return_info:
         return outs, None, None
-    return outs, torch.cat(winners), torch.cat(members)
+    return (outs, torch.cat([w.reshape(-1) for _, w, _ in fused]),
+            torch.cat([m.reshape(-1) for _, _, m in fused]))
 
 
 def _op_masks(masks, n_groups, n):
