@@ -117,6 +117,7 @@ CASES: list[Case] = [
 ]
 
 POINTEE = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
+ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
 def select_cases(spec: str) -> list[Case]:
@@ -256,7 +257,7 @@ def _row(oc, case: Case, arch: int, idx: int, launch) -> dict:
         "static_shared": usage.static_shared, "dynamic_shared": usage.dynamic_shared,
         "ctas_per_sm": occ.ctas_per_sm, "limiter": occ.limiter,
         "warps_per_sm": occ.warps_per_sm, "occupancy": round(occ.occupancy, 4),
-        "input_pointee": inp,
+        "input_pointee": inp, "input_elem_bytes": ELEM_BYTES[case.dtype],
         "ld_input": _widths(acc, "ld", lambda a: a.pointee == inp),
         "st_input": _widths(acc, "st", lambda a: a.pointee == inp),
         "ld_other": _widths(acc, "ld", lambda a: a.pointee != inp),
@@ -322,20 +323,19 @@ def summarise(data: dict) -> list[str]:
             f"{r['spill_stores']} B stores / {r['spill_loads']} B loads" for r in spills) + ".")
     else:
         lines.append("- No register spills.")
-    narrow = {}
-    for r in rows:
-        small = {int(b): n for b, n in r["ld_input"].items() if int(b) < 8}
-        if small:
-            narrow.setdefault((r["case"], r["launch"], r["kernel"]), set()).add(
-                f"sm_{r['arch']}: {_w(r['ld_input'])}")
-    if narrow:
-        vec_cases = [k for k in narrow if cases[k[0]]["vector_loads"]]
-        lines.append(f"- **Input loads narrower than 8 bytes** in {len(narrow)} of "
-                     f"{len({(r['case'], r['launch']) for r in rows if r['ld_input']})} launches "
-                     f"that read the inputs ({len(vec_cases)} in cases where the test requires "
-                     "vector loads); see the kernels table.")
+    readers = {(r["case"], r["launch"]) for r in rows if r["ld_input"]}
+    scalar = {(r["case"], r["launch"]) for r in rows
+              if any(int(b) == r["input_elem_bytes"] for b in r["ld_input"])}
+    narrow = {(r["case"], r["launch"]) for r in rows if any(int(b) < 8 for b in r["ld_input"])}
+    required = {k for k in narrow if cases[k[0]]["vector_loads"]}
+    if scalar or narrow:
+        lines.append(f"- **Input loads of one element per instruction** (not vectorised) in "
+                     f"{len(scalar)} of the {len(readers)} launches that read the inputs, on at "
+                     f"least one arch; loads narrower than 8 bytes in {len(narrow)} "
+                     f"({len(required)} in cases where the test requires 8 bytes or more). "
+                     "Widths per launch: the kernels table.")
     else:
-        lines.append("- Every input load is 8 bytes or wider.")
+        lines.append("- Every input load moves two elements or more, and 8 bytes or more.")
     for a in data["archs"]:
         ra = [r for r in rows if r["arch"] == a]
         if not ra:
@@ -447,6 +447,21 @@ def render_markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _command(argv: list[str]) -> str:
+    """The command line, with the text of ``--note`` left out."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            out.append("TEXT")
+            skip = False
+        elif a == "--note":
+            out.append(a)
+            skip = True
+        else:
+            out.append("--note TEXT" if a.startswith("--note=") else a)
+    return " ".join(["python benchmarks/codegen_report.py", *out])
+
+
 def main(argv=None) -> int:
     # before triton and the kernels are imported (here and in the spawned workers, which
     # inherit this environment): @triton.jit must make compilable kernels
@@ -485,7 +500,7 @@ def main(argv=None) -> int:
         "commit": _git("rev-parse", "--short", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/codegen_report.py " + " ".join(argv or sys.argv[1:]),
+        "command": _command(argv if argv is not None else sys.argv[1:]),
         "note": args.note, "archs": archs,
         "ptxas": {str(r["arch"]): r["ptxas"] for r in results},
         "cases": [asdict(c) for c in cases],
