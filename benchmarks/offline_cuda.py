@@ -171,7 +171,8 @@ class Launch:
     args: dict[str, Any]  # every bound argument by name (tensors as TensorArg, constexprs too)
     signature: dict[str, Any]  # Triton type per argument ("*fp16", "i32", "constexpr", ...)
     constexprs: dict[str, Any]  # declared constexprs and arguments specialised to constants
-    specialization: dict[str, str]  # per argument: "16" (divisibility 16), "==1", ""
+    specialization: dict[str, str]  # "16" (divisible by 16 / 16-byte aligned) or "==1";
+    # arguments with neither are absent
     compiled: Any  # triton.compiler.CompiledKernel (asm["ptx"], asm["cubin"], metadata)
 
     @property
@@ -261,7 +262,6 @@ class _FakeUtils:
 
     def __init__(self, limits: ArchLimits):
         self.limits = limits
-        self.loaded: list[Any] = []
 
     def load_binary(self, name, kernel, shared, device):
         # (module, function, n_regs, n_spills, max threads per block); ptxas_usage() gives the
@@ -391,13 +391,52 @@ def require_compiled_kernels() -> None:
 
 
 @contextlib.contextmanager
-def offline_cuda(arch: int = 90, *, route_cpu_tensors: bool = True, keep: bool = True):
+def _torch_cuda_device_on(fake: FakeCudaDriver):
+    """Make ``torch.cuda.set_device``, ``torch.cuda.current_device`` and the
+    ``torch.cuda.device(i)`` context manager act on the fake driver's current device."""
+    import torch
+
+    cuda = torch.cuda
+    names = ("set_device", "current_device", "_exchange_device", "_maybe_exchange_device")
+    saved = {n: getattr(cuda, n) for n in names}
+
+    def exchange(device: int) -> int:
+        if device < 0:
+            return -1
+        prev, fake.current_device = fake.current_device, int(device)
+        return prev
+
+    def set_device(device) -> None:
+        idx = device if isinstance(device, int) else torch.device(device).index
+        if idx is not None and idx >= 0:
+            fake.current_device = int(idx)
+
+    cuda.set_device = set_device
+    cuda.current_device = lambda: fake.current_device
+    cuda._exchange_device = exchange
+    cuda._maybe_exchange_device = exchange
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(cuda, n, f)
+
+
+@contextlib.contextmanager
+def offline_cuda(arch: int = 90, *, route_cpu_tensors: bool = True, keep: bool = True,
+                 torch_cuda_device: bool = False):
     """Activate the fake CUDA driver for ``arch`` (a key of :data:`ARCHS`) and yield a
     :class:`Recorder` whose ``launches`` fill up as kernels are launched.
 
     ``route_cpu_tensors``: let the package's public functions send CPU tensors to the Triton
     kernels (see the module docstring); the kernels stay compiled ``JITFunction``s.
     ``keep=False``: count the launches only (see :class:`Recorder`).
+
+    The device a launch records is the fake driver's current device, the one Triton asks the
+    driver for at launch (0 at first): ``triton.runtime.driver.active.set_current_device(i)``
+    changes it; with ``torch_cuda_device=True``, so do ``torch.cuda.set_device(i)`` and
+    ``with torch.cuda.device(i):`` (which a CPU-only torch would refuse), so a device guard
+    written with them can be tested here.
     """
     from triton.runtime.jit import JITFunction
 
@@ -416,7 +455,8 @@ def offline_cuda(arch: int = 90, *, route_cpu_tensors: bool = True, keep: bool =
         if route_cpu_tensors:
             knobs.runtime.interpret = False  # wins over the environment for @triton.jit
             os.environ["TRITON_INTERPRET"] = "1"  # read by the package's choose_backend
-        yield rec
+        with _torch_cuda_device_on(fake) if torch_cuda_device else contextlib.nullcontext():
+            yield rec
     finally:
         if route_cpu_tensors:
             if old_env is None:

@@ -124,6 +124,12 @@ assert not second.args["x_ptr"].aligned16
 assert package and all(l.device == 3 and l.arch == 86 for l in package)
 assert all(l.grid[0] * l.grid[1] * l.grid[2] >= 1 for l in package)
 assert "TRITON_INTERPRET" not in os.environ and not triton.knobs.runtime.interpret
+# torch.cuda's device calls can drive the fake device (for a device guard's test)
+with oc.offline_cuda(80, torch_cuda_device=True) as rec:
+    with torch.cuda.device(2):
+        copy_kernel[(1,)](x, y, 1000, 1, BLOCK=128)
+    copy_kernel[(1,)](x, y, 1000, 1, BLOCK=128)
+assert [l.device for l in rec.launches] == [2, 0]
 print("ok", len(package))
 '''
 
