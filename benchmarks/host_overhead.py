@@ -17,8 +17,9 @@ the total:
 
 - ``launches``: kernel launches per call;
 - ``run/launch``: time inside ``JITFunction.run`` per launch (binder + cache lookup + the
-  stubbed launch), measured by wrapping ``JITFunction.run``;
-- ``rest``: total minus the time inside ``JITFunction.run``: Python argument checking, option
+  stubbed launch), the median over the launches of ``--calls`` calls, measured by wrapping
+  ``JITFunction.run``;
+- ``rest``: total minus ``launches x run/launch``: Python argument checking, option
   resolution, output and buffer allocation, layout analysis, the ``torch.ops`` dispatch;
 - ``direct``: the same launches (same arguments, captured from one call) issued directly with
   ``kernel[grid](...)``: what the kernels alone cost the host;
@@ -119,8 +120,7 @@ class _RunMeter:
 
         self.cls = JITFunction
         self.orig = JITFunction.run
-        self.seconds = 0.0
-        self.launches = 0
+        self.durations: list[float] = []
         self.capture: list | None = None
 
     def __enter__(self):
@@ -133,8 +133,7 @@ class _RunMeter:
             try:
                 return orig(fn, *args, grid=grid, warmup=warmup, **kwargs)
             finally:
-                meter.seconds += time.perf_counter() - t0
-                meter.launches += 1
+                meter.durations.append(time.perf_counter() - t0)
 
         self.cls.run = run
         return self
@@ -162,7 +161,9 @@ def measure(sc: Scenario, arch: int, calls: int, warmup: int, profile: bool) -> 
 
         with _RunMeter() as meter:
             _times(call, calls)
-        run_per_launch = meter.seconds / max(meter.launches, 1)
+        # the median launch: a call preempted by another process moves it no more than it
+        # moves the median call
+        run_per_launch = statistics.median(meter.durations)
 
         with _RunMeter() as cap:  # the launches of one call, to issue them directly
             cap.capture = []
