@@ -253,14 +253,15 @@ def stats_kernel(
     c_hi = tl.minimum(c_lo + CH, C)
     m2 = on[:, None] & s_ok[None, :]
 
-    k = tl.load(x_base[:, None] + _channel_offsets(c_lo, stride_c, LAYOUT) + x_site[None, :],
-                mask=m2, other=0.0).to(tl.float32)
-    k = tl.where(scale != 0.0, k * scale, 0.0)
     acc_a = tl.zeros((NP, BLOCK_C, BLOCK_S), tl.float32)
     acc_g = tl.zeros((NP, NP, BLOCK_C, BLOCK_S), tl.float32)
     cc = tl.arange(0, BLOCK_C)
     # software pipelining by hand: the next tile's loads are issued before this one is used
     x_next = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, m2, LAYOUT)
+    # the shift: each vector's value at the chunk's first channel, taken from the first tile
+    # (a load of that one channel row would not be vectorised)
+    k = tl.sum(tl.where((cc == 0)[None, :, None], x_next.to(tl.float32), 0.0), axis=1)
+    k = tl.where(scale != 0.0, k * scale, 0.0)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         m3 = m2[:, None, :] & (c0 + cc < c_hi)[None, :, None]
         x = x_next.to(tl.float32)
