@@ -21,6 +21,7 @@ from ._lockstep import (
     replace_tensors,
     resolve_points,
 )
+from ._masks import RegionMasks, image_masks
 from .handlers import CombinerHandler, Job, find_combiner, find_family
 
 LEVELS = ("residual", "block")
@@ -43,6 +44,8 @@ class MaxFusionHandle:
         records: with ``record=True``, a list of :class:`Record` ``(step, point, winner)``.
         steps: the number of fused calls so far (the ``step`` of the next one).
         active: False once removed.
+        masks: the regional masks in use (``[Bm, H, W]`` float32 tensors or ``None``, one
+            per control model), or ``None``; change them with :meth:`set_masks`.
     """
 
     def __init__(self, level: str, settings, recorder: Recorder, models: list[nn.Module],
@@ -55,6 +58,8 @@ class MaxFusionHandle:
         self._combiner = combiner
         self._lockstep: Lockstep | None = None
         self._undo: list[Callable[[], None]] = []
+        self._region: RegionMasks | None = None
+        self._grid: tuple[int, int] | None = None  # the token grid of the call in progress
         self.active = True
 
     # ---- public ----
@@ -69,6 +74,30 @@ class MaxFusionHandle:
 
     def clear_records(self) -> None:
         self._recorder.records.clear()
+
+    @property
+    def masks(self) -> list | None:
+        return None if self._region is None else list(self._region.masks)
+
+    def set_masks(self, masks: Sequence[Any] | None) -> None:
+        """Set (or with ``None`` clear) the regional masks for the next calls, without
+        applying again: one entry per control model (per condition for a Flux
+        ControlNet-Union run once per condition), ``None`` or an image-space mask (a PIL
+        image, a numpy array or a tensor, ``[H, W]`` or ``[B, H, W]``, values in [0, 1];
+        see :func:`apply`). Raises ``TypeError`` / ``ValueError`` naming ``masks[i]``, and
+        leaves the masks in use unchanged then."""
+        self._check_active()
+        if masks is None:
+            self._region = None
+            return
+        n = len(self._models) if self._combiner is None or len(self._models) > 1 else None
+        self._region = RegionMasks(image_masks(masks, n))
+
+    @property
+    def mask_resizes(self) -> int:
+        """How many masks were resized to a fusion's grid so far (the resized masks are cached
+        per grid, batch, device and dtype: a denoising loop resizes in its first step only)."""
+        return 0 if self._region is None else self._region.resizes
 
     def remove(self) -> None:
         """Undo every patch (instance ``forward``, hooks); a second call does nothing.
@@ -146,13 +175,27 @@ class MaxFusionHandle:
         if not self.active:
             raise RuntimeError("this MaxFusionHandle has been removed")
 
-    def _fused_call(self, jobs: list[Job], flatten, pack, *, weights_apply: bool, nothing):
+    def _masks_for(self, feats: Sequence[Any], nets: Sequence[int], *, hard: bool):
+        """The regional masks of the models ``nets`` at the grid of ``feats`` (or ``None``)."""
+        if self._region is None:
+            return None
+        return self._region.for_features(feats, self._settings.channel_dim, nets,
+                                         grid=self._grid, hard=hard)
+
+    def _fused_call(self, jobs: list[Job], flatten, pack, *, weights_apply: bool, nothing,
+                    grid: tuple[int, int] | None = None):
         rec = self._recorder
         try:
+            if self._region is not None and len(self._region) != len(jobs):
+                raise ValueError(
+                    f"masks has {len(self._region)} entries but this call runs {len(jobs)} "
+                    "control models (conditions); set one mask or None per model with "
+                    "handle.set_masks")
             active = [j for j in jobs if j.scale != 0]
             if not active:
                 return nothing(jobs)
             nets = [j.index for j in active]
+            self._grid = grid
             if self.level == "block" and len(active) > 1:
                 outs = self._lockstep.run([j.call for j in active], nets)
             else:
@@ -166,12 +209,18 @@ class MaxFusionHandle:
                         f"{nets[0]} returned {names}: they cannot be fused index by index"
                     )
             groups = [[f[k][1] for f in flat] for k in range(len(names))]
+            masks = None
+            if self._region is not None:
+                masks = [None if any(t is None for t in g) else
+                         self._masks_for(g, nets, hard=False) for g in groups]
             fused = fuse_residual_groups(
                 groups, settings=self._settings, names=names, nets=nets,
                 weights=[j.scale for j in active] if weights_apply else None, recorder=rec,
+                masks=masks,
             )
             return pack(fused, outs[0])
         finally:
+            self._grid = None
             rec.step += 1
 
     def _patch_forward(self, module: nn.Module, forward: Callable) -> None:
@@ -250,6 +299,7 @@ def apply(
     record: bool = False,
     points: Any = None,
     global_pool: str = "mean",
+    masks: Sequence[Any] | None = None,
     **max_fuse_options: Any,
 ) -> MaxFusionHandle:
     """Fuse several control models with MaxFusion instead of summing / averaging them.
@@ -271,6 +321,17 @@ def apply(
             ControlNets): ``"mean"`` (default) averages the nets taking part; ``"fuse"`` passes
             them to ``max_fuse`` (every normalised saliency is then 1 and the smallest index
             wins unless the vectors correlate).
+        masks: regional masks, one entry per control model (per condition for a Flux
+            ControlNet-Union run once per condition): ``None`` (everywhere) or an image-space
+            mask, a PIL image (mode L / 1 / RGB..., scaled to [0, 1]), a numpy array or a
+            tensor (floats in [0, 1], uint8 / 255, bool), ``[H, W]`` or ``[B, H, W]`` (one per
+            image; the batch of the features must be a multiple of B, e.g. the two halves of
+            classifier-free guidance get the same masks). Each is resized to the grid of every
+            fusion with an area average (for SD3 / Flux to the token grid) and acts as a
+            per-site weight of its model's features (SPEC.md, "Regional masks"): 0 removes the
+            model there. At block level the fusions inside the nets take the masks as removal
+            only (1 wherever the resized mask is > 0) and the final merge as weights. Change
+            them later with ``handle.set_masks``.
         **max_fuse_options: ``threshold``, ``preset``, ``correlation``, ``saliency``,
             ``normalize``, ``backend`` (and ``channel_dim`` for raw models) as in
             :func:`maxfusion_kernels.max_fuse`.
@@ -344,15 +405,22 @@ def apply(
     elif points is not None:
         raise ValueError("points= is for level='block'")
 
+    region = None
+    if masks is not None:
+        n_masks = len(models) if combiner is None or len(models) > 1 else None
+        region = RegionMasks(image_masks(masks, n_masks))
+
     handle = MaxFusionHandle(level, settings, Recorder(enabled=record), models, handler,
                              combiner)
+    handle._region = region
     claimed = ([combiner] if combiner is not None else []) + (
         distinct if level == "block" or combiner is None else [])
     try:
         handle._claim(claimed)
         if level == "block":
-            handle._lockstep = Lockstep(models, lock_points, settings, handle._recorder,
-                                        owner=handle)
+            handle._lockstep = Lockstep(
+                models, lock_points, settings, handle._recorder, owner=handle,
+                masks_for=lambda feats, nets: handle._masks_for(feats, nets, hard=True))
             handle._lockstep.install(handle._undo.append)
         if combiner is not None:
             handle._patch_forward(combiner, _combiner_forward(handle, handler, combiner))
@@ -374,9 +442,10 @@ def _combiner_forward(handle: MaxFusionHandle, handler: CombinerHandler, combine
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 a.update(a.pop(p.name, {}))
         jobs = handler.jobs(combiner, a)
+        grid = handler.token_grid(combiner, a) if handle._region is not None else None
         return handle._fused_call(jobs, handler.flatten, handler.pack,
                                   weights_apply=handler.scales_are_weights,
-                                  nothing=handler.nothing)
+                                  nothing=handler.nothing, grid=grid)
 
     forward.__wrapped__ = original  # inspect.signature(combiner.forward) stays the same
     forward.__doc__ = original.__doc__

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -116,9 +116,16 @@ def _one_site(t: torch.Tensor, channel_dim: int) -> bool:
     return c > 0 and t.numel() == t.shape[0] * c
 
 
-def _weighted_mean(feats: Sequence[torch.Tensor], weights: Sequence[float] | None):
-    """Mean of the weighted inputs whose weight is not 0, computed in float32 (or wider)."""
+def _weighted_mean(feats: Sequence[torch.Tensor], weights: Sequence[float] | None,
+                   masks: Sequence[torch.Tensor | None] | None = None):
+    """Mean of the weighted inputs whose weight is not 0, computed in float32 (or wider).
+
+    ``masks``: per input ``None`` or a ``[Bm]`` per-sample weight (a mask resized to the one
+    site of the sample): a per-sample factor, and an input of mask 0 does not count in that
+    sample's mean."""
     n = len(feats)
+    if masks is not None and any(m is not None for m in masks):
+        return _masked_mean(feats, weights, masks)
     w = list(weights) if weights is not None else [1.0] * n
     present = [(f, wi) for f, wi in zip(feats, w) if wi != 0]
     if not present:
@@ -131,16 +138,42 @@ def _weighted_mean(feats: Sequence[torch.Tensor], weights: Sequence[float] | Non
     return (acc / len(present)).to(feats[0].dtype)
 
 
+def _masked_mean(feats, weights, masks):
+    n = len(feats)
+    f0 = feats[0]
+    acc_dtype = torch.promote_types(f0.dtype, torch.float32)
+    w = list(weights) if weights is not None else [1.0] * n
+    shape = (-1,) + (1,) * (f0.dim() - 1)  # per sample
+    acc = torch.zeros(f0.shape, dtype=acc_dtype, device=f0.device)
+    count = torch.zeros((f0.shape[0],) + (1,) * (f0.dim() - 1), dtype=acc_dtype,
+                        device=f0.device)
+    for f, wi, m in zip(feats, w, masks):
+        if wi == 0:
+            continue
+        mi = (torch.ones(1, dtype=acc_dtype, device=f0.device) if m is None
+              else m.to(acc_dtype)).reshape(shape) * wi
+        acc += torch.where(mi == 0, 0.0, f.to(acc_dtype) * mi)
+        count += (mi != 0).to(acc_dtype)
+    return (acc / count.clamp_min(1)).to(f0.dtype)
+
 def unmerge(feats: Sequence[torch.Tensor], *, settings: FusionSettings, name: str,
-            nets: Sequence[int], recorder: Recorder | None = None) -> list[torch.Tensor]:
-    """MaxFusion unmerge at one fusion point: one fused stream per model."""
+            nets: Sequence[int], recorder: Recorder | None = None,
+            masks: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """MaxFusion unmerge at one fusion point: one fused stream per model.
+
+    ``masks``: ``None`` or one ``max_fuse`` mask (or ``None``) per model."""
     feats = check_features(list(feats), what=f"features at fusion point {name!r}")
     if settings.global_pool == "mean" and _one_site(feats[0], settings.channel_dim):
-        m = _weighted_mean(feats, None)
-        return [m.clone() for _ in feats]
+        m = _weighted_mean(feats, None, masks)
+        if masks is None or all(mi is None for mi in masks):
+            return [m.clone() for _ in feats]
+        # a model removed by its mask in a sample gets zeros there, as max_fuse's unmerge
+        shape = (-1,) + (1,) * (m.dim() - 1)
+        return [m.clone() if mi is None else torch.where(mi.reshape(shape) == 0, 0.0, m)
+                for mi in masks]
     record = recorder is not None and recorder.enabled
     res = max_fuse(feats, unmerge=True, channel_dim=settings.channel_dim, return_info=record,
-                   **settings.kwargs)
+                   masks=masks, **settings.kwargs)
     if record:
         res, info = res
         recorder.add(name, info.winner, nets)
@@ -155,6 +188,7 @@ def fuse_residual_groups(
     nets: Sequence[int] | None = None,
     weights: Sequence[float] | None = None,
     recorder: Recorder | None = None,
+    masks: Sequence[Sequence[torch.Tensor | None] | None] | None = None,
 ) -> list[torch.Tensor | None]:
     """Merge one step's residuals, residual index by residual index (one place for all).
 
@@ -167,6 +201,10 @@ def fuse_residual_groups(
         weights: N floats >= 0 multiplied into the inputs first (``max_fuse``'s ``weights``);
             ``None`` when the nets applied their conditioning scales themselves.
         recorder: collects the winner maps when enabled.
+        masks: regional masks at the residuals' grids: ``None``, or one entry per group,
+            ``None`` or N masks as ``max_fuse`` takes them (``[Bm, *sites]``, values in
+            [0, 1]). A handle made with ``apply(..., masks=...)`` resizes its image-space
+            masks to every residual and passes them here.
 
     Returns:
         One merged tensor per group. With N = 1 the single net's residual (times its weight).
@@ -175,12 +213,15 @@ def fuse_residual_groups(
     """
     if not groups:
         return []
+    if masks is not None and len(masks) != len(groups):
+        raise ValueError(f"masks has {len(masks)} entries for {len(groups)} residuals")
+    group_masks = list(masks) if masks is not None else [None] * len(groups)
     n = len(groups[0])
     names = list(names) if names is not None else [f"residual.{k}" for k in range(len(groups))]
     nets = list(nets) if nets is not None else list(range(n))
     out: list[torch.Tensor | None] = []
-    batched: list[tuple[int, str, list[torch.Tensor]]] = []  # (slot in out, name, group)
-    for name, group in zip(names, groups):
+    batched: list[tuple[int, str, list[torch.Tensor], Any]] = []  # slot, name, group, masks
+    for name, group, gm in zip(names, groups, group_masks):
         if len(group) != n:
             raise ValueError(f"residual {name!r}: {len(group)} tensors, expected {n}")
         missing = [t is None for t in group]
@@ -189,24 +230,39 @@ def fuse_residual_groups(
             continue
         if any(missing):
             raise ValueError(f"residual {name!r}: some nets returned None and others a tensor")
-        if n == 1:
+        if n == 1 and (gm is None or gm[0] is None):
             w = None if weights is None else weights[0]
             out.append(group[0] if w is None or w == 1 else group[0] * w)
             continue
+        if n == 1:  # one net with a mask: its residual weighted per site
+            out.append(_single_masked(group[0], None if weights is None else weights[0],
+                                      gm[0], settings.channel_dim))
+            continue
         feats = check_features(list(group), what=f"residual {name!r}")
         if settings.global_pool == "mean" and _one_site(feats[0], settings.channel_dim):
-            out.append(_weighted_mean(feats, weights))
+            out.append(_weighted_mean(feats, weights, gm))
             continue
-        batched.append((len(out), name, feats))
+        batched.append((len(out), name, feats, gm))
         out.append(None)
     if batched:
         record = recorder is not None and recorder.enabled
-        res = max_fuse_many([feats for _, _, feats in batched], unmerge=False, weights=weights,
+        any_mask = any(gm is not None for *_, gm in batched)
+        res = max_fuse_many([feats for _, _, feats, _ in batched], unmerge=False, weights=weights,
                             channel_dim=settings.channel_dim, return_info=record,
+                            masks=[gm for *_, gm in batched] if any_mask else None,
                             **settings.kwargs)
         results, infos = res if record else (res, [None] * len(batched))
-        for (slot, name, _), fused, info in zip(batched, results, infos):
+        for (slot, name, _, _), fused, info in zip(batched, results, infos):
             out[slot] = fused
             if record:
                 recorder.add(name, info.winner, nets)
     return out
+
+
+def _single_masked(t: torch.Tensor, weight: float | None, mask: torch.Tensor,
+                   channel_dim: int) -> torch.Tensor:
+    """One net's residual times its weight and its ``[Bm, *sites]`` mask (0 where the mask
+    is 0, even for inf or NaN): what the fusion of that net alone gives."""
+    m = mask.unsqueeze(channel_dim % t.dim()).to(torch.promote_types(t.dtype, torch.float32))
+    x = t.to(m.dtype) * (1.0 if weight is None else weight) * m
+    return torch.where(m == 0, 0.0, x).to(t.dtype)

@@ -295,8 +295,11 @@ class Lockstep:
     """Hooks at the fusion points of N models and the scheduler that runs them in lockstep."""
 
     def __init__(self, models: Sequence[nn.Module], points: Sequence[FusionPoint],
-                 settings: FusionSettings, recorder: Recorder, owner: Any = None):
+                 settings: FusionSettings, recorder: Recorder, owner: Any = None,
+                 masks_for: Callable[[list[torch.Tensor], Sequence[int]], Any] | None = None):
         self.owner = owner  # the handle: kept alive by the hooks as long as they are installed
+        # (features at a point, nets) -> the regional masks for max_fuse, or None
+        self.masks_for = masks_for
         self.models = list(models)
         self.points = list(points)
         self.settings = settings
@@ -450,8 +453,9 @@ class Lockstep:
             name = point.label + path  # path: "" for a tensor output, "[i]..." in a container
             feats = [m.leaves[k][1] for m in msgs]
             try:
+                masks = self.masks_for(feats, nets) if self.masks_for is not None else None
                 fused = unmerge(feats, settings=self.settings, name=name, nets=nets,
-                                recorder=self.recorder)
+                                recorder=self.recorder, masks=masks)
             except (TypeError, ValueError) as e:
                 raise LockstepError(f"at fusion point {name!r}: {e}") from e
             for i, g in enumerate(fused):

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._lockstep import FusionPoint
 
@@ -101,6 +103,9 @@ def find_family(model: nn.Module) -> ModelFamily | None:
     return None
 
 
+# img_ids tensors of Flux calls -> (version, token grid)
+_GRIDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
 # --------------------------------------------------------------------------------------------
 # combiners: residual level (and the frame of block level)
 # --------------------------------------------------------------------------------------------
@@ -149,6 +154,11 @@ class CombinerHandler:
         """The output when every scale is 0: one net runs at scale 0 for zeros of the right
         shapes (what diffusers' sum gives)."""
         return jobs[0].call()
+
+    def token_grid(self, combiner, a: dict) -> tuple[int, int] | None:
+        """``(h, w)`` of the image-token grid of this call, for nets whose features are tokens
+        ``[B, h * w, C]`` (regional masks are resized to it); ``None`` for feature maps."""
+        return None
 
 
 class MultiControlNet(CombinerHandler):
@@ -220,6 +230,14 @@ class SD3MultiControlNet(CombinerHandler):
     def nothing(self, jobs):
         return (tuple(jobs[0].call()[0]),)
 
+    def token_grid(self, c, a):
+        # the latents [B, C, H, W] enter the nets unpatched: patch_size x patch_size patches
+        x = a.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return None  # already tokens (SD3.5 large ControlNets): grid from the token count
+        p = int(getattr(c.nets[0].config, "patch_size", 1))
+        return x.shape[-2] // p, x.shape[-1] // p
+
 
 class FluxMultiControlNet(CombinerHandler):
     """``FluxMultiControlNetModel``: several ControlNets, or one ControlNet-Union run once per
@@ -246,6 +264,23 @@ class FluxMultiControlNet(CombinerHandler):
         blocks, singles = out
         return ([(f"block.{k}", t) for k, t in enumerate(blocks or [])]
                 + [(f"single.{k}", t) for k, t in enumerate(singles or [])])
+
+    def token_grid(self, c, a):
+        # the pipeline packs 2 x 2 latent patches into one token and gives each token its
+        # (0, row, col) in img_ids: the grid is (max row + 1, max col + 1). Reading it is a
+        # host sync, made once per img_ids tensor (the pipelines make one per call)
+        ids = a.get("img_ids")
+        if not isinstance(ids, torch.Tensor) or ids.shape[-1] < 3:
+            return None
+        found = _GRIDS.get(ids)
+        if found is None or found[0] != ids._version:
+            flat = ids.reshape(-1, ids.shape[-1])
+            grid = (int(flat[:, 1].max()) + 1, int(flat[:, 2].max()) + 1)
+            if ids.is_inference():
+                return grid
+            found = (ids._version, grid)
+            _GRIDS[ids] = found
+        return found[1]
 
     def pack(self, fused, template):
         nb = len(template[0]) if template[0] is not None else 0
