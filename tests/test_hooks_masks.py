@@ -385,3 +385,22 @@ def test_token_grid_of_a_call():
     ids = ids.reshape(30, 3)
     assert find_combiner(flux).token_grid(flux, {"img_ids": ids}) == (6, 5)
     assert find_combiner(flux).token_grid(flux, {"img_ids": None}) is None
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_controlnet_union_with_masks(level):
+    from diffusers.models.controlnets.multicontrolnet_union import MultiControlNetUnionModel
+
+    nets = [tm.tiny_union_controlnet(30 + k) for k in range(2)]
+    multi = MultiControlNetUnionModel(nets)
+    conds = full_conditions(2, 32, 48, batch=2)
+    inputs = tm.unet_inputs()
+    inputs["sample"] = torch.randn(2, 4, 16, 24)
+    ctype = [torch.tensor([[1, 0]] * 2), torch.tensor([[0, 1]] * 2)]
+    args = dict(**inputs, controlnet_cond=[[conds[0]], [conds[1]]], control_type=ctype,
+                control_type_idx=[[0], [1]], conditioning_scale=[1.0, 0.7])
+    with mh.apply(multi, level=level, record=True, masks=halves(32, 48), **TORCH) as h:
+        down, mid = multi(**args)
+    assert mid.shape[-2:] == (8, 12) and len(h.records) == (5 if level == "residual" else 10)
+    for r in h.records:
+        assert torch.equal(r.winner, region_map(r.winner)), r.point
