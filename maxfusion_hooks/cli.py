@@ -56,8 +56,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=args.out, size=args.size, steps=args.steps, seed=args.seed, level=args.level,
         threshold=args.threshold, preset=args.preset, backend=args.backend, device=args.device,
         base=args.base, controlnets=args.controlnet, images=args.image, prompt=args.prompt,
-        progress=not args.no_progress,
+        progress=not args.no_progress, masks=args.masks,
     )
+    if args.out is None:
+        cfg.out = "maxfusion-demo-masks.png" if args.masks else "maxfusion-demo.png"
     try:
         check_options(cfg)
         what = "building the offline models" if cfg.offline else f"loading {cfg.base}"
@@ -78,10 +80,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if res.own_half is not None:
         print("own half: share of the sites won by the condition drawn in their half of the "
               "image (depth: left, edges: right)")
+    if res.own_region is not None:
+        print(textwrap.fill(
+            "own region: share of the sites won by the condition whose mask is largest there "
+            "(" + ", ".join(f"{n}: {w}" for n, w in zip(res.names, _region_words(len(res.names))))
+            + "); no masks: the same share in the run without masks", width=100))
     print()
     print(f"built in {res.seconds_build:.1f} s, denoised in {res.seconds_run:.1f} s")
     print(f"figure written to {res.figure}")
     return 0
+
+
+def _region_words(n: int) -> list[str]:
+    if n == 2:
+        return ["outside the ellipse", "inside the ellipse"]
+    return [f"strip {k + 1} of {n} from the left" for k in range(n)]
 
 
 def _add_demo(sub) -> None:
@@ -94,8 +107,9 @@ def _add_demo(sub) -> None:
                     "built from config with random weights (condition-driven ControlNet "
                     "embeddings) and two synthetic conditions that conflict by halves.",
     )
-    p.add_argument("--out", default="maxfusion-demo.png", metavar="PATH",
-                   help="the PNG figure to write (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="the PNG figure to write (default: maxfusion-demo.png, with --masks "
+                        "maxfusion-demo-masks.png)")
     p.add_argument("--size", type=int, default=None,
                    help="image size in px, a multiple of 8 (default: 128 offline, at most "
                         "256 there; the base model's own size with --base)")
@@ -125,6 +139,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--prompt", default=None, help="the text prompt")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on the denoising loop")
+    p.add_argument("--masks", action="store_true",
+                   help="regional masks: conditions that overlap everywhere (offline: both over "
+                        "the whole image), each restricted by a mask to its region (2: an "
+                        "ellipse and its complement; more: vertical strips); runs with and "
+                        "without the masks and shows both")
     p.set_defaults(func=_cmd_demo)
 
 

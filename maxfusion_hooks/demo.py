@@ -9,6 +9,12 @@ edge drawing (a house, a sun) in the right half, each black in the other half.
 With real models (``base`` = an SD 1.x/2.x or SDXL pipeline, ``controlnets`` and one condition
 image per ControlNet) the same run and figure are made with them.
 
+With ``masks=True`` (``maxfusion demo --masks``) the conditions overlap everywhere (offline:
+the depth map and the edge drawing both cover the whole image) and regional masks restrict
+each to a region (two conditions: an ellipse with a soft edge and its complement; more: vertical
+strips). The pipeline runs twice, without and with the masks, and the figure shows both
+runs' winner maps: with the masks each condition wins its own region.
+
 The run records the winner map of every fusion (``maxfusion_hooks.apply(..., record=True)``)
 and writes one PNG figure (Pillow only): the conditions, the generated image, and per fusion
 point the winner map as a colour overlay, one colour per condition. Diffusers is imported
@@ -42,6 +48,8 @@ __all__ = [
     "half_fractions",
     "header",
     "is_final_merge",
+    "region_masks",
+    "region_share",
     "run_demo",
     "synthetic_conditions",
     "winner_density",
@@ -89,6 +97,7 @@ class DemoConfig:
     images: Sequence[str] = ()
     prompt: str | None = None
     progress: bool = True
+    masks: bool = False
 
     @property
     def offline(self) -> bool:
@@ -100,8 +109,11 @@ class DemoResult:
     """What :func:`run_demo` made. ``records``: every fusion's winner map (see
     :class:`maxfusion_hooks.Record`); ``points``: the fusion points in the order they ran;
     ``shares[point][i]``: the share of sites (all steps and batch entries) condition ``i`` won;
-    ``own_half[point]`` (offline only): the share of sites won by the condition that owns their
-    half of the image."""
+    ``own_half[point]`` (offline, without masks): the share of sites won by the condition that
+    owns their half of the image. With ``config.masks``: ``masks`` (one ``[H, W]`` tensor per
+    condition), ``own_region[point]`` (the share of sites won by the condition whose mask is
+    largest there) and the run without masks: ``baseline_records``, ``baseline_shares``,
+    ``baseline_own_region``."""
 
     config: DemoConfig
     names: list[str]
@@ -120,6 +132,11 @@ class DemoResult:
     seconds_build: float
     seconds_run: float
     notes: list[str] = field(default_factory=list)
+    masks: list[torch.Tensor] | None = None
+    own_region: dict[str, float] | None = None
+    baseline_records: list[Record] | None = None
+    baseline_shares: dict[str, list[float]] | None = None
+    baseline_own_region: dict[str, float] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,12 +144,14 @@ class DemoResult:
 # --------------------------------------------------------------------------------------------
 
 
-def synthetic_conditions(size: int) -> list[tuple[str, object]]:
+def synthetic_conditions(size: int, overlap: bool = False) -> list[tuple[str, object]]:
     """Two RGB condition images of ``size`` x ``size`` px that conflict by halves.
 
     ``depth``: in the left half, a depth map (near is bright): a floor ramp and a sphere; never
     black there. ``edges``: in the right half, white lines on black: a house with a door and a
     window, a sun with rays, the ground line. Each is black in the other half.
+    ``overlap=True``: both cover the whole image (the ramp everywhere, the ground line across),
+    for the masked demo.
     """
     from PIL import Image, ImageDraw
 
@@ -143,7 +162,8 @@ def synthetic_conditions(size: int) -> list[tuple[str, object]]:
     d2 = ((x - cx) ** 2 + (y - cy) ** 2) / r**2
     sphere = (0.75 + 0.25 * (1 - d2).clamp(min=0).sqrt()) * (d2 < 1)
     depth = torch.maximum(depth, sphere)
-    depth = torch.where(x < 0.5, depth, torch.zeros(()))
+    if not overlap:
+        depth = torch.where(x < 0.5, depth, torch.zeros(()))
     depth_img = Image.fromarray((depth * 255).round().to(torch.uint8).numpy(), "L").convert("RGB")
 
     edges = Image.new("RGB", (s, s))
@@ -153,7 +173,7 @@ def synthetic_conditions(size: int) -> list[tuple[str, object]]:
     def px(u: float, v: float) -> tuple[int, int]:
         return round(u * (s - 1)), round(v * (s - 1))
 
-    d.line([px(0.5, 0.82), px(1.0, 0.82)], fill="white", width=w)  # ground
+    d.line([px(0.0 if overlap else 0.5, 0.82), px(1.0, 0.82)], fill="white", width=w)  # ground
     d.rectangle([px(0.58, 0.52), px(0.86, 0.82)], outline="white", width=w)  # house
     d.line([px(0.55, 0.54), px(0.72, 0.36), px(0.89, 0.54)], fill="white", width=w)  # roof
     d.rectangle([px(0.63, 0.66), px(0.70, 0.82)], outline="white", width=w)  # door
@@ -168,8 +188,32 @@ def synthetic_conditions(size: int) -> list[tuple[str, object]]:
                fill="white", width=w)
     d.line([px(0.90, 0.30), px(0.98, 0.26)], fill="white", width=w)  # a bird
     d.line([px(0.98, 0.26), px(0.99, 0.31)], fill="white", width=w)
-    d.rectangle([0, 0, s // 2 - 1, s - 1], fill="black")  # only the right half
+    if overlap:  # a tree on the left, over the sphere of the depth map
+        d.line([px(0.18, 0.82), px(0.18, 0.55)], fill="white", width=w)
+        d.ellipse([px(0.08, 0.30), px(0.28, 0.58)], outline="white", width=w)
+    else:
+        d.rectangle([0, 0, s // 2 - 1, s - 1], fill="black")  # only the right half
     return [("depth", depth_img), ("edges", edges)]
+
+
+def region_masks(height: int, width: int, n: int) -> list[torch.Tensor]:
+    """The masked demo's regions: ``n`` float masks ``[height, width]`` in [0, 1] that sum to
+    1 at every pixel. Two: the last condition inside an ellipse (centre (0.68, 0.52), radii
+    0.28 x 0.40 of the image, around the offline edge drawing's house and sun) with a soft edge
+    of about 4 % of the image, the first outside it. More: vertical strips with soft borders.
+    """
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width),
+                          indexing="ij")
+    if n == 2:
+        r = (((x - 0.68) / 0.28) ** 2 + ((y - 0.52) / 0.40) ** 2).sqrt()
+        inside = (0.5 + (1 - r) / 0.08).clamp(0, 1)
+        return [1 - inside, inside]
+    edges = [(k / n) for k in range(1, n)]
+    ramps = [(0.5 + (x - e) / 0.04).clamp(0, 1) for e in edges]  # 1 right of border k
+    masks = [1 - ramps[0]]
+    masks += [ramps[k - 1] - ramps[k] for k in range(1, n - 1)]
+    masks.append(ramps[-1])
+    return [m.clamp(0, 1) for m in masks]
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +421,7 @@ def _load_offline(cfg: DemoConfig, device: torch.device):
     size = cfg.size or OFFLINE_SIZE
     pipe = sd_controlnet_pipeline(2, seed=cfg.seed)
     pipe.to(device)
-    named = synthetic_conditions(size)
+    named = synthetic_conditions(size, overlap=cfg.masks)
     return pipe, [n for n, _ in named], [img for _, img in named], size
 
 
@@ -411,13 +455,45 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         steps = cfg.steps or REAL_STEPS
         prompt = cfg.prompt if cfg.prompt is not None else "a photo, high quality"
     pipe.set_progress_bar_config(disable=not cfg.progress, desc="denoising", leave=True)
+    masks = region_masks(size, size, len(names)) if cfg.masks else None
+    t1 = time.perf_counter()
+    baseline = None
+    if masks is not None:  # the same run without the masks, for comparison
+        _, baseline = _fused_run(pipe, cfg, prompt, conds, steps, size, None)
+    image, records = _fused_run(pipe, cfg, prompt, conds, steps, size, masks)
+    t2 = time.perf_counter()
+
+    points = list(dict.fromkeys(r.point for r in records))
+    by_point = {p: [r for r in records if r.point == p] for p in points}
+    shares = {p: _shares(by_point[p], len(names)) for p in points}
+    own = None
+    if cfg.offline and masks is None:
+        own = {p: _own_half(by_point[p]) for p in points}
+    result = DemoResult(
+        config=cfg, names=names, conditions=conds, image=image, records=records, points=points,
+        shares=shares, own_half=own, figure=out.resolve(), prompt=prompt, backend=backend,
+        size=size, steps=steps, device=str(device), seconds_build=t1 - t0, seconds_run=t2 - t1,
+    )
+    if masks is not None:
+        base_by_point = {p: [r for r in baseline if r.point == p] for p in points}
+        result.masks = masks
+        result.own_region = {p: region_share(by_point[p], masks) for p in points}
+        result.baseline_records = baseline
+        result.baseline_shares = {p: _shares(base_by_point[p], len(names)) for p in points}
+        result.baseline_own_region = {p: region_share(base_by_point[p], masks) for p in points}
+    compose_figure(result).save(out, format="PNG", optimize=True)
+    return result
+
+
+def _fused_run(pipe, cfg: DemoConfig, prompt: str, conds, steps: int, size: int, masks):
+    """One pipeline run with MaxFusion applied (and removed after): the image and the records
+    (winners on the CPU)."""
     try:
         handle = apply(pipe, level=cfg.level, record=True, threshold=cfg.threshold,
-                       preset=cfg.preset, backend=cfg.backend)
+                       preset=cfg.preset, backend=cfg.backend, masks=masks)
     except (ValueError, TypeError) as exc:
         hint = " (try --level residual)" if cfg.level == "block" else ""
         raise DemoError(f"cannot fuse these ControlNets: {_first_line(exc)}{hint}") from None
-    t1 = time.perf_counter()
     try:
         with torch.inference_mode():
             image = pipe(prompt, image=conds, num_inference_steps=steps, height=size,
@@ -425,21 +501,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                          ).images[0]
     finally:
         handle.remove()
-    t2 = time.perf_counter()
-
-    records = [Record(r.step, r.point, r.winner.cpu()) for r in handle.records]
-    points = list(dict.fromkeys(r.point for r in records))
-    shares = {p: _shares([r for r in records if r.point == p], len(names)) for p in points}
-    own = None
-    if cfg.offline:
-        own = {p: _own_half([r for r in records if r.point == p]) for p in points}
-    result = DemoResult(
-        config=cfg, names=names, conditions=conds, image=image, records=records, points=points,
-        shares=shares, own_half=own, figure=out.resolve(), prompt=prompt, backend=backend,
-        size=size, steps=steps, device=str(device), seconds_build=t1 - t0, seconds_run=t2 - t1,
-    )
-    compose_figure(result).save(out, format="PNG", optimize=True)
-    return result
+    return image, [Record(r.step, r.point, r.winner.cpu()) for r in handle.records]
 
 
 def winner_density(records: Sequence[Record], n: int) -> torch.Tensor:
@@ -473,6 +535,22 @@ def _own_half(records: Sequence[Record]) -> float:
     return sum(fr) / len(fr)
 
 
+def region_share(records: Sequence[Record], masks: Sequence[torch.Tensor]) -> float:
+    """The share of sites (all records, batch entries) won by the condition whose mask, resized
+    to the record's grid with an area average, is the largest there (its region)."""
+    import torch.nn.functional as F
+
+    won = total = 0
+    for r in records:
+        grid = tuple(r.winner.shape[-2:])
+        resized = torch.stack([F.adaptive_avg_pool2d(m[None, None].float(), grid)[0, 0]
+                               for m in masks])
+        region = resized.argmax(dim=0)  # [h, w], the first index on a tie
+        won += int((r.winner == region).sum())
+        total += r.winner.numel()
+    return won / max(total, 1)
+
+
 def is_final_merge(point: str) -> bool:
     """Whether a record is of a final merge of the residuals rather than a fusion inside the
     ControlNets (block level)."""
@@ -491,7 +569,8 @@ def header(res: DemoResult) -> str:
     return (f"MaxFusion demo ({what}): {len(res.names)} ControlNets "
             f"({', '.join(res.names)}), {cfg.level} level, threshold {cfg.threshold}, "
             f"preset {cfg.preset}, {res.steps} steps, {res.size} x {res.size} px, "
-            f"seed {cfg.seed}, device {res.device}, max_fuse backend {res.backend}")
+            f"seed {cfg.seed}, device {res.device}, max_fuse backend {res.backend}"
+            + (", regional masks (run with and without them)" if cfg.masks else ""))
 
 
 def format_table(res: DemoResult) -> str:
@@ -503,6 +582,8 @@ def format_table(res: DemoResult) -> str:
         f"{n:>{c}}" for n, c in zip(names, cols))
     if res.own_half is not None:
         head += f"{'own half':>10}"
+    if res.own_region is not None:
+        head += f"{'own region':>12}{'no masks':>10}"
     lines = [head, "-" * len(head)]
     for p in res.points:
         kind = "merge" if (res.config.level == "residual" or is_final_merge(p)) else "unmerge"
@@ -510,6 +591,9 @@ def format_table(res: DemoResult) -> str:
             f"{100 * s:>{c - 1}.1f}%" for s, c in zip(res.shares[p], cols))
         if res.own_half is not None:
             row += f"{100 * res.own_half[p]:>9.1f}%"
+        if res.own_region is not None and res.baseline_own_region is not None:
+            row += (f"{100 * res.own_region[p]:>11.1f}%"
+                    f"{100 * res.baseline_own_region[p]:>9.1f}%")
         lines.append(row)
     return "\n".join(lines)
 
@@ -551,14 +635,17 @@ def _np(img):
 
 
 def compose_figure(res: DemoResult, panel: int = 176):
-    """One image: a title, the conditions and the generated image, then one winner map per
-    fusion point (fusions inside the ControlNets, then the final merges), and a caption."""
+    """One image: a title, the conditions (and the masks' regions) and the generated image,
+    then one winner map per fusion point (fusions inside the ControlNets, then the final
+    merges; with masks, for the run with them and the run without), and a caption."""
     from PIL import Image, ImageDraw
 
     n = len(res.names)
+    masked = res.masks is not None
     inside = [p for p in res.points if res.config.level == "block" and not is_final_merge(p)]
     merges = [p for p in res.points if p not in inside]
-    cols = max(n + 1, min(6, max(len(inside), len(merges), 1)))
+    top = n + (2 if masked else 1)  # the conditions, the regions, the generated image
+    cols = max(top, min(6, max(len(inside), len(merges), 1)))
     pad, title_h, label_h, section_h = 12, 30, 38, 24
     font, small, big = _font(13), _font(11), _font(16)
 
@@ -568,19 +655,29 @@ def compose_figure(res: DemoResult, panel: int = 176):
     def rows(k: int) -> int:
         return math.ceil(k / cols) if k else 0
 
-    sections = [(f"fusion inside the ControlNets (unmerge), {len(inside)} points", inside),
-                (f"final merge of the residuals, {len(merges)} points", merges)]
-    sections = [(t, ps) for t, ps in sections if ps]
+    runs = [("", res.records, res.shares)]
+    if masked:
+        runs = [("with the masks: ", res.records, res.shares),
+                ("without masks (the same conditions): ", res.baseline_records,
+                 res.baseline_shares)]
+    sections = []
+    for prefix, recs, shares in runs:
+        sections += [(f"{prefix}fusion inside the ControlNets (unmerge), {len(inside)} points",
+                      inside, recs, shares),
+                     (f"{prefix}final merge of the residuals, {len(merges)} points", merges,
+                      recs, shares)]
+    sections = [sec for sec in sections if sec[1]]
     caption = _caption(res)
     cap_lines = _wrap(caption, small, cols * (panel + pad) - pad)
     height = (pad + title_h + label_h + panel + pad
-              + sum(section_h + rows(len(ps)) * (label_h + panel + pad) for _, ps in sections)
+              + sum(section_h + rows(len(sec[1])) * (label_h + panel + pad) for sec in sections)
               + len(cap_lines) * 15 + pad)
     width = pad + cols * (panel + pad)
     fig = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(fig)
     cfg = res.config
-    title = (f"MaxFusion: {cfg.level} level, {res.steps} steps, threshold {cfg.threshold}, "
+    title = (f"MaxFusion{' with regional masks' if masked else ''}: {cfg.level} level, "
+             f"{res.steps} steps, threshold {cfg.threshold}, "
              f"{'offline random-weight models' if cfg.offline else cfg.base}")
     draw.text((pad, pad), title, fill="black", font=big)
     y = pad + title_h
@@ -598,20 +695,24 @@ def compose_figure(res: DemoResult, panel: int = 176):
         label(x, y, f"condition {i}: {name}", "its colour in the maps", COLOURS[i])
         fig.paste(_fit(cond, panel), (x, y + label_h))
     x = pad + n * (panel + pad)
+    if masked:
+        label(x, y, "regions (masks)", "each in its condition's colour")
+        fig.paste(_regions(res.masks, panel), (x, y + label_h))
+        x += panel + pad
     label(x, y, "generated image", "random weights: noise-like" if cfg.offline else _prompt_of(res))
     fig.paste(_fit(res.image, panel), (x, y + label_h))
     y += label_h + panel + pad
 
-    for title_text, pts in sections:
+    for title_text, pts, run_records, run_shares in sections:
         draw.text((pad, y + 4), title_text, fill="black", font=font)
         y += section_h
         for k, p in enumerate(pts):
             r, c = divmod(k, cols)
             x, yy = pad + c * (panel + pad), y + r * (label_h + panel + pad)
-            recs = [rec for rec in res.records if rec.point == p]
+            recs = [rec for rec in run_records if rec.point == p]
             dens = winner_density(recs, n)
             h, w = dens.shape[-2:]
-            sub = "  ".join(f"{nm} {100 * s:.0f}%" for nm, s in zip(res.names, res.shares[p]))
+            sub = "  ".join(f"{nm} {100 * s:.0f}%" for nm, s in zip(res.names, run_shares[p]))
             label(x, yy, f"{p}  ({h}x{w})", sub)
             fig.paste(_overlay(dens, backdrop, panel), (x, yy + label_h))
         y += rows(len(pts)) * (label_h + panel + pad)
@@ -619,6 +720,16 @@ def compose_figure(res: DemoResult, panel: int = 176):
         draw.text((pad, y), line, fill=(60, 60, 60), font=small)
         y += 15
     return fig
+
+
+def _regions(masks: Sequence[torch.Tensor], panel: int):
+    """The masks as one image: per pixel the mix of the conditions' colours they weigh."""
+    from PIL import Image
+
+    colours = torch.tensor(COLOURS[:len(masks)], dtype=torch.float32)
+    rgb = torch.einsum("nhw,nc->hwc", torch.stack([m.float() for m in masks]), colours)
+    img = Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy(), "RGB")
+    return img.resize((panel, panel), Image.Resampling.BILINEAR)
 
 
 def _prompt_of(res: DemoResult) -> str:
@@ -630,6 +741,10 @@ def _caption(res: DemoResult) -> str:
     text = ("Each map: per site, the colour of the condition whose ControlNet won it (mixed "
             f"where the winner changed), over all {res.steps} steps and both halves of the "
             "classifier-free-guidance batch, drawn over the conditions in grey. ")
+    if res.masks is not None:
+        text += ("The conditions cover the whole image; the masks (an area average of them at "
+                 "each map's grid) restrict each to its region: a mask of 0 removes the "
+                 "condition's ControlNet there, a soft edge weighs its features. ")
     if res.config.offline:
         text += OFFLINE_NOTE
     return text

@@ -26,6 +26,7 @@ from maxfusion_hooks.demo import (
     compose_figure,
     half_fractions,
     is_final_merge,
+    region_masks,
     run_demo,
     synthetic_conditions,
 )
@@ -110,6 +111,57 @@ def test_synthetic_conditions_conflict_by_halves():
     e = torch.tensor(list(edges.convert("L").getdata())).reshape(64, 64)
     assert (d[:, :32] > 0).all() and (d[:, 32:] == 0).all()  # depth: all of the left half
     assert (e[:, :32] == 0).all() and (e[:, 32:] > 0).any()  # edges: lines on the right
+
+
+# ------------------------------------------------------------------------- masked demo
+
+
+@pytest.fixture(scope="module")
+def masked_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "masks.png"
+    return run_demo(DemoConfig(out=out, size=64, steps=2, backend="torch", progress=False,
+                               masks=True))
+
+
+def test_masked_demo_each_condition_wins_its_region(masked_demo):
+    """Conditions over the whole image, restricted by masks to an ellipse and its complement:
+    at every fusion point each condition wins its own region (all but the soft band at the
+    ellipse's edge), far more than in the run without masks."""
+    res = masked_demo
+    assert res.own_half is None and len(res.masks) == 2
+    assert torch.allclose(res.masks[0] + res.masks[1], torch.ones(64, 64))
+    assert [p for p in res.points if not is_final_merge(p)] == INSIDE_POINTS
+    assert {r.point for r in res.baseline_records} == set(res.points)
+    for p in res.points:
+        assert res.own_region[p] >= 0.85, (p, res.own_region[p])
+        assert res.own_region[p] > res.baseline_own_region[p] + 0.1, p
+    with Image.open(res.figure) as im:
+        assert im.size == compose_figure(res).size and im.height >= 5 * 176  # 2 runs
+
+
+def test_masked_demo_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", *FAST, "--level", "residual", "--masks"]) == 0
+    text = capsys.readouterr().out
+    assert "regional masks" in text and "own region" in text and "no masks" in text
+    assert (tmp_path / "maxfusion-demo-masks.png").is_file()  # the default name with --masks
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith(("down.", "mid "))]
+    assert len(rows) == 5 and all(len(r) == 6 and r[4].endswith("%") for r in rows)
+    assert all(float(r[4][:-1]) >= 85.0 for r in rows)
+
+
+def test_region_masks_partition_the_image():
+    two = region_masks(48, 64, 2)
+    assert two[1][24, 43] == 1.0 and two[0][2, 2] == 1.0  # inside / outside the ellipse
+    soft = (two[1] > 0) & (two[1] < 1)
+    assert soft.any() and torch.allclose(two[0] + two[1], torch.ones(48, 64))
+    three = region_masks(32, 60, 3)
+    assert torch.allclose(sum(three), torch.ones(32, 60))
+    assert all(float(m[0, c]) == 1.0 for m, c in zip(three, (5, 30, 55)))
+    (_, depth), (_, edges) = synthetic_conditions(64, overlap=True)
+    assert (torch.tensor(list(depth.convert("L").getdata())) > 0).all()  # the whole image
+    e = torch.tensor(list(edges.convert("L").getdata())).reshape(64, 64)
+    assert (e[:, :32] > 0).any() and (e[:, 32:] > 0).any()
 
 
 # ----------------------------------------------------------------------------- real models
