@@ -1,10 +1,11 @@
 """maxfusion_hooks: MaxFusion inside diffusers pipelines and raw PyTorch control models.
 
-``apply(target, level="residual" | "block", record=False, **max_fuse_options)`` patches a
-diffusers pipeline, a multi-condition combiner (``MultiControlNetModel``,
+``apply(target, level="residual" | "block", record=False, masks=None, **max_fuse_options)``
+patches a diffusers pipeline, a multi-condition combiner (``MultiControlNetModel``,
 ``MultiControlNetUnionModel``, ``SD3MultiControlNetModel``, ``FluxMultiControlNetModel``,
 ``MultiAdapter``) or a list of control models, and returns a handle whose ``remove()`` (or
-with-block) undoes every patch. See docs/integration.md.
+with-block) undoes every patch and whose ``set_masks`` changes the regional masks (one
+image-space mask per control model) between calls. See docs/integration.md.
 
 Importing this package imports neither diffusers nor greenlet and initialises no CUDA context;
 the handlers match diffusers classes by name and import nothing.
