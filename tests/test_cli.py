@@ -203,6 +203,23 @@ def test_demo_with_local_models(saved_models, tmp_path, capsys):
         assert im.format == "PNG"
 
 
+def test_masked_demo_with_three_local_controlnets(saved_models, tmp_path, capsys):
+    """--masks with your models: 3 ControlNets get 3 vertical strips."""
+    r = saved_models
+    out = tmp_path / "strips.png"
+    argv = ["demo", *FAST, "--masks", "--level", "residual", "--base", str(r / "base"),
+            "--out", str(out)]
+    for k, img in ((0, "depth"), (1, "edges"), (0, "edges")):
+        argv += ["--controlnet", str(r / f"cn{k}"), "--image", str(r / f"{img}.png")]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "strip 3 of 3 from the left" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith(("down.", "mid "))]
+    assert len(rows) == 5 and all(float(row[5][:-1]) >= 80.0 for row in rows), rows
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+
+
 def test_a_model_that_is_not_a_controlnet(saved_models, tmp_path, capsys):
     r = saved_models
     argv = ["demo", *FAST, "--base", str(r / "base"), "--controlnet", str(r / "cn0"),
