@@ -26,9 +26,9 @@ def test_launches_run_under_the_inputs_device_guard(monkeypatch, device):
 
     real_launch = launch._launch
 
-    def recording_launch(kernel, grid, args, consts, dev):
+    def recording_launch(kernel, grid, args, consts, dev, *rest):
         events.append(("launch", kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)))
-        real_launch(kernel, grid, args, consts, dev)
+        real_launch(kernel, grid, args, consts, dev, *rest)
 
     monkeypatch.setattr(launch, "_device_guard", guard)
     monkeypatch.setattr(launch, "_launch", recording_launch)

@@ -178,20 +178,22 @@ def _pointer_alignment(args: dict) -> tuple:
     return tuple(bits)
 
 
-def _launch(kernel, grid: int, args: dict, consts: dict, device: torch.device) -> None:
+def _launch(kernel, grid: int, args: dict, consts: dict, device: torch.device,
+            num_warps: int = P.NUM_WARPS) -> None:
     """``kernel[(grid,)](**args, **consts)``. On CUDA, outside tracing and profiler hooks, the
     first call compiles and binds through Triton; later calls with the same constexprs and
     pointer alignments (everything Triton specialises these kernels on: they take no integer
     arguments) call the compiled kernel's launcher directly, with the arguments in the
     kernel's parameter order, as ``JITFunction.run`` does (Triton 3.2 to 3.9)."""
     if device.type != "cuda":
-        kernel[(grid,)](**args, **consts, num_warps=P.NUM_WARPS)
+        kernel[(grid,)](**args, **consts, num_warps=num_warps)
         return
     knobs = triton.knobs.runtime
-    key = (device.index, kernel.fn.__name__, tuple(consts.items()), _pointer_alignment(args))
+    key = (device.index, kernel.fn.__name__, num_warps, tuple(consts.items()),
+           _pointer_alignment(args))
     compiled = _COMPILED.get(key)
     if compiled is None or knobs.launch_enter_hook is not None:
-        compiled = kernel[(grid,)](**args, **consts, num_warps=P.NUM_WARPS)
+        compiled = kernel[(grid,)](**args, **consts, num_warps=num_warps)
         _COMPILED[key] = compiled
         return
     values = {**args, **consts}
@@ -314,7 +316,8 @@ def fuse_groups(groups: list[list[torch.Tensor]], opt: FuseOptions, return_info:
                 dict(xs=xs, ms=ms, meta=table, part1=parts["part1"], tickets=parts["tickets"],
                      **w_args),
                 dict(common, STATW=plan.statw, LAYOUT=kind, ALIGNED=aligned, VEC=vec,
-                     HAS_MASKS=has_masks, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s), dev)
+                     HAS_MASKS=has_masks, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s), dev,
+                P.stats_warps(kind))
         _launch(K.combine_kernel, plan.programs2,
                 dict(meta=table, part1=parts["part1"], t_ptr=parts["t"], bits_ptr=parts["bits"],
                      part2=parts["part2"], totals=parts["total"], tickets=parts["tickets"],

@@ -40,6 +40,13 @@ COMBINE_BUDGET = 1024  # NP * NP * BLOCK_S2: pass 2's co-moment tile
 MAX_BLOCK_P = 256  # partials summed per step by the last program of pass 2
 NUM_WARPS = 4
 
+
+def stats_warps(layout: int) -> int:
+    """Warps of pass 1: 8 for the generic layout, whose scalar loads each need an address
+    register (4 warps would spill on sm_120), else ``NUM_WARPS``. A function of the layout
+    alone, like the tiles, so results never depend on where a tensor starts in memory."""
+    return 8 if layout == GENERIC else NUM_WARPS
+
 # The per-group table (int64, one row of TABLE_COLS per group), read by the kernels by column.
 COL_START13 = 0  # first program of the group in passes 1 and 3
 COL_START2 = 1  # first program of the group in pass 2
