@@ -143,3 +143,70 @@ def test_fake_driver_records_device_grid_and_specialisation(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(BENCH)], capture_output=True,
                          text=True, env=_env(), timeout=600)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr[-4000:]
+
+
+DIRECT = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import offline_cuda as oc
+from offline_cuda import TensorArg
+import maxfusion_kernels as mk
+from maxfusion_kernels.ops import launch
+
+shapes = [(2, 320, 16, 16), (2, 640, 8, 8), (1, 1280, 4, 4)]
+groups = [[torch.randn(s, dtype=torch.float16) for _ in range(2)] for s in shapes]
+mask = torch.rand(2, 1, 16, 16)
+checked = 0
+with oc.offline_cuda(90) as rec:
+    launch.DIRECT_DEVICE_TYPES.add("cpu")
+    for kw in ({}, {"unmerge": True, "return_info": True, "weights": [1.0, 0.5]},
+               {"masks": [[mask, None], None, None], "preset": "reference"}):
+        rec.clear()
+        mk.max_fuse_many(groups, backend="triton", **kw)  # first call: Triton's binder
+        bound = list(rec.launches)
+        rec.clear()
+        mk.max_fuse_many(groups, backend="triton", **kw)  # a later call: direct launches
+        direct = list(rec.launches)
+        assert len(bound) == len(direct) == 3, (len(bound), len(direct))
+        base_a = min(bound[0].args[n].data_ptr for n in ("part1", "tickets"))
+        base_b = min(direct[0].args[n] for n in ("part1", "tickets"))
+        assert all(isinstance(direct[0].args[n], int) for n in ("part1", "tickets")), \
+            "the second call did not take the direct path"
+        for a, b in zip(bound, direct):
+            assert (a.kernel, a.grid, a.variant) == (b.kernel, b.grid, b.variant)
+            assert a.args.keys() == b.args.keys()
+            for name, va_all in a.args.items():
+                vb_all = b.args[name]
+                pairs = (list(zip(va_all, vb_all)) if isinstance(va_all, tuple)
+                         else [(va_all, vb_all)])
+                assert not isinstance(va_all, tuple) or len(va_all) == len(vb_all), name
+                for va, vb in pairs:
+                    same = name in ("xs", "meta") or (name == "ms" and "masks" in kw)
+                    if isinstance(va, TensorArg) and isinstance(vb, int):
+                        # a workspace part: the same byte of the workspace, 16-byte aligned
+                        assert vb - base_b == va.data_ptr - base_a, name
+                        assert vb % 16 == 0, name
+                    elif same and isinstance(va, TensorArg):
+                        assert va.data_ptr == vb.data_ptr, name  # the very same tensor
+                    elif isinstance(va, TensorArg):  # fresh outputs and info
+                        assert (va.dtype, va.shape, va.stride) == (vb.dtype, vb.shape, vb.stride)
+                    else:
+                        assert va == vb, (name, va, vb)  # scalars and constexprs
+                checked += 1
+print("ok", checked)
+'''
+
+
+def test_direct_launches_pass_what_tritons_binder_passes(tmp_path):
+    """After the first call of a plan the launcher skips Triton's binder on CUDA and calls the
+    compiled kernel's launcher itself. Under the fake driver (with CPU tensors admitted to that
+    path) the launches of a later call must be those of the first: same kernels, grids and
+    compiled variants, every argument in the same place with the same value (the same input
+    tensors, scalars and constexprs; the same offsets into the workspace, 16-byte aligned)."""
+    script = tmp_path / "direct.py"
+    script.write_text(DIRECT)
+    res = subprocess.run([sys.executable, str(script), str(BENCH)], capture_output=True,
+                         text=True, env=_env(), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.stdout.strip().startswith("ok") and int(res.stdout.split()[-1]) > 50

@@ -24,14 +24,14 @@ def test_launches_run_under_the_inputs_device_guard(monkeypatch, device):
         yield
         events.append(("exit", dev))
 
-    real_launch = launch._launch
+    real_launch = launch._Kernel.launch
 
-    def recording_launch(kernel, grid, args, consts, dev, *rest):
-        events.append(("launch", kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)))
-        real_launch(kernel, grid, args, consts, dev, *rest)
+    def recording_launch(self, args, dev, direct):
+        events.append(("launch", self.kernel))
+        real_launch(self, args, dev, direct)
 
     monkeypatch.setattr(launch, "_device_guard", guard)
-    monkeypatch.setattr(launch, "_launch", recording_launch)
+    monkeypatch.setattr(launch._Kernel, "launch", recording_launch)
     feats = make_features((2, 8, 5, 5), 2, device=device)
     mk.max_fuse(feats, backend="triton")
     assert [e[0] for e in events] == ["enter", "launch", "launch", "launch", "exit"]

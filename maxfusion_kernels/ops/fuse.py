@@ -17,7 +17,7 @@ import torch
 from ..options import BACKENDS as _BACKENDS
 from ..options import FuseInfo, FuseOptions, check_features, check_masks, resolve_options
 from ..torch_backend import fuse_torch
-from .launch import HAS_TRITON, fuse_groups
+from .launch import HAS_TRITON, cached_call, fuse_cached, fuse_groups
 
 # ----------------------------------------------------------------------------------------
 # 1. backend choice
@@ -60,9 +60,7 @@ def eager_call(tensors: Sequence[torch.Tensor]) -> bool:
     registered op: not traced by ``torch.compile``, no dispatch mode (fake or functional
     tensors, ``opcheck``) active, plain tensors. The op costs tens of microseconds of host time
     per call in eager mode; it is what ``torch.compile`` records."""
-    return (not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and all(type(t) is torch.Tensor for t in tensors))
+    return eager_mode() and all(type(t) is torch.Tensor for t in tensors)
 
 
 def options_from_flags(threshold, unmerge, pearson, use_variance, batch_normalizer, weights,
@@ -79,12 +77,68 @@ def options_from_flags(threshold, unmerge, pearson, use_variance, batch_normaliz
     )
 
 
+_UNCACHEABLE = object()
+
+
+def weights_key(weights):
+    """``weights`` as part of a call signature (a tuple of Python numbers), or a marker that
+    the call is not to be cached (a tensor, numpy values: validated the slow way)."""
+    if weights is None:
+        return None
+    if type(weights) in (list, tuple) and all(type(w) in (int, float) for w in weights):
+        return tuple(weights)
+    return _UNCACHEABLE
+
+
+def call_signature(groups, masks, options: tuple) -> tuple | None:
+    """A hashable signature of an eager call: the options, and every tensor's (and mask's)
+    shape, strides, dtype and device. Everything the validation, the backend choice and the
+    plan of a call depend on is in it (mask values apart, which are checked per version), so a
+    call whose signature was seen before skips both. None for anything unusual (then the call
+    takes the ordinary path)."""
+    if _UNCACHEABLE in options:
+        return None
+    sig: list = [options]
+    for grp in groups:
+        if type(grp) not in (list, tuple):
+            return None
+        sig.append(len(grp))
+        for t in grp:
+            if type(t) is not torch.Tensor:
+                return None
+            sig.append((t.shape, t.stride(), t.dtype, t.device))
+    if masks is not None:
+        if type(masks) not in (list, tuple):
+            return None
+        for ms in masks:
+            if ms is None:
+                sig.append(None)
+                continue
+            if type(ms) not in (list, tuple):
+                return None
+            for m in ms:
+                if m is None:
+                    sig.append(None)
+                elif type(m) is not torch.Tensor:
+                    return None
+                else:
+                    sig.append((m.shape, m.stride(), m.dtype, m.device))
+    return tuple(sig)
+
+
+def eager_mode() -> bool:
+    """Not traced by ``torch.compile``, no dispatch mode (fake or functional tensors,
+    ``opcheck``) active."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 def fuse_one(feats: list[torch.Tensor], opt: FuseOptions, return_info: bool,
-             masks: list[torch.Tensor | None] | None, use_triton: bool):
-    """``(outputs, winner [B*S], members [N*B*S])`` of one group by the chosen backend."""
+             masks: list[torch.Tensor | None] | None, use_triton: bool, key=None):
+    """``(outputs, winner [B*S], members [N*B*S])`` of one group by the chosen backend
+    (``key``: the call's signature, to cache its plan)."""
     if use_triton:
         outs, winner, members = fuse_groups([feats], opt, return_info,
-                                            None if masks is None else [masks])
+                                            None if masks is None else [masks], key=key)
         return outs[0], winner, members
     if masks is not None:
         outs, winner, members = fuse_torch(feats, opt, return_info, masks=masks)
@@ -213,6 +267,22 @@ def max_fuse(
     Raises:
         TypeError, ValueError: naming the argument and the problem (see docs/api.md).
     """
+    key = None
+    if eager_mode():  # a call whose signature was seen: no validation, no planning
+        options = (threshold, unmerge, preset, correlation, saliency, normalize,
+                   weights_key(weights), channel_dim, return_info, backend,
+                   interpreter_enabled())
+        key = call_signature([features], None if masks is None else [masks], options)
+        cp = cached_call(key) if key is not None else None
+        if cp is not None:
+            feats = list(features)
+            cd = cp.opt.channel_dim
+            ms = _check_masks(masks, feats, cd)
+            outs, winner, members = fuse_cached(cp, [feats], None if ms is None else [ms])
+            result = outs[0] if cp.opt.unmerge else outs[0][0]
+            if return_info:
+                return result, info_views(winner, members, feats[0], cd, cp.n)
+            return result
     feats = check_features(features)
     opt = resolve_options(
         feats, threshold=threshold, unmerge=unmerge, preset=preset, correlation=correlation,
@@ -222,7 +292,8 @@ def max_fuse(
     use_triton = choose_backend(feats[0].device, backend) == "triton"
     n = len(feats)
     if eager_call(feats):
-        outs, winner, members = fuse_one(feats, opt, return_info, checked_masks, use_triton)
+        outs, winner, members = fuse_one(feats, opt, return_info, checked_masks, use_triton,
+                                         key=key)
     else:
         outs, winner, members = torch.ops.maxfusion.max_fuse(
             feats, opt.threshold, opt.unmerge, opt.pearson, opt.use_variance,

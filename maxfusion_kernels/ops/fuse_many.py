@@ -17,8 +17,18 @@ import torch
 
 from ..options import check_features, resolve_options
 from ..torch_backend import fuse_torch_groups
-from .fuse import _check_masks, choose_backend, eager_call, info_views, options_from_flags
-from .launch import fuse_groups
+from .fuse import (
+    _check_masks,
+    call_signature,
+    choose_backend,
+    eager_call,
+    eager_mode,
+    info_views,
+    interpreter_enabled,
+    options_from_flags,
+    weights_key,
+)
+from .launch import cached_call, fuse_cached, fuse_groups
 
 # ----------------------------------------------------------------------------------------
 # 1. registered op
@@ -29,11 +39,11 @@ def _split(items, n_inputs):
     return [list(items[k:k + n_inputs]) for k in range(0, len(items), n_inputs)]
 
 
-def fuse_all(groups, opt, return_info, masks, use_triton):
+def fuse_all(groups, opt, return_info, masks, use_triton, key=None):
     """``(outputs per group, winners, members)`` of every group by the chosen backend; the
-    info flat, groups one after the other."""
+    info flat, groups one after the other (``key``: the call's signature, to cache its plan)."""
     if use_triton:
-        return fuse_groups(groups, opt, return_info, masks)
+        return fuse_groups(groups, opt, return_info, masks, key=key)
     opts = [replace(opt, channel_dim=opt.channel_dim % grp[0].dim()) for grp in groups]
     fused = fuse_torch_groups(groups, opts, return_info, masks)
     outs = [res for res, _, _ in fused]
@@ -136,6 +146,23 @@ def max_fuse_many(
 
     With the Triton backend all groups are fused in three kernel launches whatever G is.
     """
+    key = None
+    if eager_mode():  # a call whose signature was seen: no validation, no planning
+        options = ("many", threshold, unmerge, preset, correlation, saliency, normalize,
+                   weights_key(weights), channel_dim, return_info, backend,
+                   interpreter_enabled())
+        key = call_signature(groups, masks, options)
+        cp = cached_call(key) if key is not None and len(groups) else None
+        if cp is not None:
+            groups = [list(g) for g in groups]
+            ms = None
+            if masks is not None:
+                ms = [None if m is None else _check_masks(m, g, channel_dim % g[0].dim(),
+                                                          what=f"masks[{k}]")
+                      for k, (m, g) in enumerate(zip(masks, groups))]
+            outs, winners, members = fuse_cached(cp, groups, ms)
+            return _results(groups, outs, winners, members, cp.opt.unmerge, return_info,
+                            channel_dim)
     if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
         raise TypeError(f"groups must be a list of groups of tensors, got {type(groups).__name__}")
     if len(groups) == 0:
@@ -159,8 +186,9 @@ def max_fuse_many(
     use_triton = choose_backend(f0.device, backend) == "triton"
     flat = [f for grp in checked for f in grp]
     if eager_call(flat):
-        outs, winners, members = _flat_results(
-            *fuse_all(checked, opt, return_info, checked_masks, use_triton), f0)
+        outs, winners, members = fuse_all(checked, opt, return_info, checked_masks, use_triton,
+                                          key=key)
+        return _results(checked, outs, winners, members, opt.unmerge, return_info, channel_dim)
     else:
         flat_masks = ([] if checked_masks is None else
                       [m for grp in checked_masks for m in (grp if grp is not None else [None] * n)])
@@ -170,18 +198,24 @@ def max_fuse_many(
             channel_dim, return_info, use_triton, flat_masks,
         )
     n_out = n if opt.unmerge else 1
-    results = []
-    for k in range(len(checked)):
-        chunk = list(outs[k * n_out:(k + 1) * n_out])
-        results.append(chunk if opt.unmerge else chunk[0])
+    per_group = [list(outs[k * n_out:(k + 1) * n_out]) for k in range(len(checked))]
+    return _results(checked, per_group, winners, members, opt.unmerge, return_info, channel_dim)
+
+
+def _results(groups, outs, winners, members, unmerge, return_info, channel_dim):
+    """The public results: per group the output (or N), and with ``return_info`` the
+    per-group ``FuseInfo`` views of the flat info buffers (groups one after the other)."""
+    results = [list(o) if unmerge else o[0] for o in outs]
     if not return_info:
         return results
+    n = len(groups[0])
     infos, off = [], 0
-    for grp, o in zip(checked, opts):
+    for grp in groups:
         like = grp[0]
-        count = like.numel() // like.shape[o.channel_dim]
+        cd = channel_dim % like.dim()
+        count = like.numel() // like.shape[cd]
         infos.append(info_views(winners[off:off + count], members[n * off:n * (off + count)],
-                                like, o.channel_dim, n))
+                                like, cd, n))
         off += count
     return results, infos
 

@@ -132,8 +132,12 @@ class _TableCache:
         self.entries: OrderedDict = OrderedDict()  # key -> (device table, host source)
         self.captured: set = set()
 
+    @staticmethod
+    def key(rows: list[list[int]], device: torch.device):
+        return (str(device), tuple(map(tuple, rows)))
+
     def get(self, rows: list[list[int]], device: torch.device) -> torch.Tensor:
-        key = (str(device), tuple(map(tuple, rows)))
+        key = self.key(rows, device)
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = _upload(rows, device)
@@ -148,6 +152,12 @@ class _TableCache:
                 del self.entries[old]
         return entry[0]
 
+    def keep(self, rows_key, table: torch.Tensor) -> None:
+        """A cached call is being captured with ``table``: never evict it from now on."""
+        if rows_key not in self.entries:
+            self.entries[rows_key] = (table, None)
+        self.captured.add(rows_key)
+
 
 TABLES = _TableCache()
 
@@ -156,9 +166,9 @@ TABLES = _TableCache()
 # launching
 # ----------------------------------------------------------------------------------------
 
-# (device, kernel name, constexprs, pointer alignments) -> the compiled kernel, for direct
-# calls that skip Triton's argument binding (CUDA only; the interpreter always binds)
-_COMPILED: dict = {}
+# Device types whose launches may skip Triton's argument binding after the first call of a
+# plan (see :func:`_launch`); benchmarks/host_overhead.py adds "cpu" under its fake driver.
+DIRECT_DEVICE_TYPES = {"cuda"}
 
 
 def _device_guard(device: torch.device):
@@ -168,39 +178,184 @@ def _device_guard(device: torch.device):
     return nullcontext()
 
 
-def _pointer_alignment(args: dict) -> tuple:
-    bits = []
-    for v in args.values():
-        if isinstance(v, torch.Tensor):
-            bits.append(v.data_ptr() % 16 == 0)
-        elif isinstance(v, tuple):
-            bits.extend(t.data_ptr() % 16 == 0 for t in v)
-    return tuple(bits)
+class _Kernel:
+    """One launch of a plan: the kernel, its grid, warps and constexprs, and (after the first
+    launch through Triton, on a device in ``DIRECT_DEVICE_TYPES``) the compiled kernel and
+    the order of its parameters, so later launches skip Triton's binder."""
+
+    def __init__(self, kernel, grid: int, consts: dict, num_warps: int):
+        self.kernel = kernel
+        self.grid = grid
+        self.consts = consts
+        self.num_warps = num_warps
+        self.compiled = None
+        self.names = list(kernel.arg_names) if hasattr(kernel, "arg_names") else None
+
+    def launch(self, args: dict, device: torch.device, direct: bool) -> None:
+        """``kernel[(grid,)](**args, **consts)``. ``direct``: every pointer argument is
+        16-byte aligned, as at the first launch; the kernels take no integer arguments, so
+        nothing else Triton specialises on can change, and the compiled kernel's launcher is
+        called directly with the arguments in parameter order, launch metadata and hooks, as
+        ``JITFunction.run`` calls it (Triton 3.2 to 3.9)."""
+        if self.compiled is not None and direct:
+            knobs = triton.knobs.runtime
+            values = {**args, **self.consts}
+            bound = [values[name] for name in self.names]
+            stream = triton.runtime.driver.active.get_current_stream(device.index or 0)
+            ck = self.compiled
+            grid = (self.grid,)
+            ck.run(self.grid, 1, 1, stream, ck.function, ck.packed_metadata,
+                   ck.launch_metadata(grid, stream, *bound), knobs.launch_enter_hook,
+                   knobs.launch_exit_hook, *bound)
+            return
+        compiled = self.kernel[(self.grid,)](**args, **self.consts, num_warps=self.num_warps)
+        if direct and device.type in DIRECT_DEVICE_TYPES and self.names is not None:
+            self.compiled = compiled
 
 
-def _launch(kernel, grid: int, args: dict, consts: dict, device: torch.device,
-            num_warps: int = P.NUM_WARPS) -> None:
-    """``kernel[(grid,)](**args, **consts)``. On CUDA, outside tracing and profiler hooks, the
-    first call compiles and binds through Triton; later calls with the same constexprs and
-    pointer alignments (everything Triton specialises these kernels on: they take no integer
-    arguments) call the compiled kernel's launcher directly, with the arguments in the
-    kernel's parameter order, as ``JITFunction.run`` does (Triton 3.2 to 3.9)."""
-    if device.type != "cuda":
-        kernel[(grid,)](**args, **consts, num_warps=num_warps)
-        return
-    knobs = triton.knobs.runtime
-    key = (device.index, kernel.fn.__name__, num_warps, tuple(consts.items()),
-           _pointer_alignment(args))
-    compiled = _COMPILED.get(key)
-    if compiled is None or knobs.launch_enter_hook is not None:
-        compiled = kernel[(grid,)](**args, **consts, num_warps=num_warps)
-        _COMPILED[key] = compiled
-        return
-    values = {**args, **consts}
-    stream = torch.cuda.current_stream(device).cuda_stream
-    compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None,
-                 knobs.launch_enter_hook, knobs.launch_exit_hook,
-                 *[values[name] for name in kernel.arg_names])
+@dataclass
+class CallPlan:
+    """Everything about a call that depends only on its shapes, strides, dtype, device and
+    options; the public functions cache it per call signature, so an eager call after the
+    first one only allocates and launches."""
+
+    n: int
+    n_out: int
+    opt: FuseOptions
+    return_info: bool
+    plan: P.LaunchPlan
+    kind: int
+    static_aligned: bool  # shapes and strides allow 16-byte vectors (pointers: per call)
+    active: list[int]
+    total_sites: int
+    has_masks: bool
+    table: torch.Tensor
+    table_key: tuple
+    ws_parts: dict
+    kernels: dict  # aligned (bool) -> [stats, combine, write] _Kernel
+    cacheable: bool  # inputs are read in place (no copy to a common layout)
+
+
+def _mask_entries(masks, prep, n):
+    """Per active position ``(rows tensor or None)`` and per group the mask batch strides."""
+    rows_all, strides_all = [], []
+    for k, (_, _, lay) in enumerate(prep.groups):
+        strides = []
+        for i in range(n):
+            m = masks[k][i] if masks is not None and masks[k] is not None else None
+            if m is None:
+                strides.append(-1)
+                rows_all.append(None)
+            else:
+                rows, stride = mask_rows(m, lay.batch, lay.sites)
+                strides.append(stride)
+                rows_all.append(rows)
+        strides_all.append(tuple(strides))
+    return rows_all, strides_all
+
+
+def build_call(groups, opt: FuseOptions, return_info: bool, masks=None):
+    """``(CallPlan, prepared groups, mask rows)`` of a call (the slow path)."""
+    n = len(groups[0])
+    n_out = n if opt.unmerge else 1
+    prep = prepare(groups, n_out, opt.channel_dim)
+    cacheable = all(f is g for (feats, _, _), grp in zip(prep.groups, groups)
+                    for f, g in zip(feats, grp))
+    has_masks = masks is not None and any(
+        m is not None and any(x is not None for x in m) for m in masks)
+    mask_rows_, mask_strides = _mask_entries(masks, prep, n) if has_masks else (None, None)
+    f0 = groups[0][0]
+    elem = f0.element_size()
+    plan, kind, static_aligned, active = plan_for(prep, n, elem, opt.batch_normalizer,
+                                                  mask_strides)
+    rows = plan.table()
+    table = TABLES.get(rows, f0.device) if active else None
+    g = len(active)
+    common = dict(G=g, GP=P.next_pow2(g), N=n, NP=plan.n_pad, K=P.TABLE_COLS,
+                  BATCH_NORMALIZER=opt.batch_normalizer)
+    tiles = plan.tiles
+    vec = 16 // elem
+    kernels = {}
+    for aligned in ((False, True) if static_aligned else (False,)):
+        kernels[aligned] = [
+            _Kernel(K.stats_kernel, plan.programs13,
+                    dict(common, STATW=plan.statw, LAYOUT=kind, ALIGNED=aligned, VEC=vec,
+                         HAS_MASKS=has_masks, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s),
+                    P.stats_warps(kind)),
+            _Kernel(K.combine_kernel, plan.programs2,
+                    dict(common, STATW=plan.statw, PEARSON=opt.pearson,
+                         USE_VARIANCE=opt.use_variance, BLOCK_S2=tiles.block_s2,
+                         BLOCK_P=plan.block_p), P.NUM_WARPS),
+            _Kernel(K.write_kernel, plan.programs13,
+                    dict(common, N_OUT=n_out, LAYOUT=kind, ALIGNED=aligned, VEC=vec,
+                         HAS_MASKS=has_masks, USE_VARIANCE=opt.use_variance,
+                         UNMERGE=opt.unmerge, INFO=return_info,
+                         F64=f0.dtype == torch.float64, BLOCK_C=tiles.block_c,
+                         BLOCK_S=tiles.block_s), P.NUM_WARPS),
+        ]
+    layout = plan.workspace_layout()
+    cp = CallPlan(n=n, n_out=n_out, opt=opt, return_info=return_info, plan=plan, kind=kind,
+                  static_aligned=static_aligned, active=active, total_sites=prep.total_sites,
+                  has_masks=has_masks, table=table, table_key=TABLES.key(rows, f0.device),
+                  ws_parts=layout, kernels=kernels,
+                  cacheable=cacheable)
+    return cp, prep, mask_rows_
+
+
+def run_call(cp: CallPlan, inputs: list[list[torch.Tensor]], outs: list[list[torch.Tensor]],
+             mask_rows_: list | None, reduce_totals=None):
+    """Allocate the info and the workspace and launch the three passes of a planned call on
+    ``inputs`` (read in place) into ``outs``. Returns ``(winners, members)`` or Nones."""
+    f0 = inputs[0][0]
+    dev = f0.device
+    n = cp.n
+    winners = members = None
+    if cp.return_info:
+        winners = torch.empty((cp.total_sites,), dtype=torch.int64, device=dev)
+        members = torch.empty((n * cp.total_sites,), dtype=torch.bool, device=dev)
+    if not cp.active:
+        return winners, members
+    xs = tuple(f for k in cp.active for f in inputs[k])
+    os_ = tuple(o for k in cp.active for o in outs[k])
+    io = xs + os_
+    aligned = cp.static_aligned and all(t.data_ptr() % 16 == 0 for t in io)
+    ws = torch.empty(cp.plan.workspace_bytes, dtype=torch.uint8, device=dev)
+    direct = aligned and dev.type in DIRECT_DEVICE_TYPES
+    stats_k, combine_k, write_k = cp.kernels[aligned]
+    if _capturing(dev):  # a graph replays the table's address: keep it for good
+        TABLES.keep(cp.table_key, cp.table)
+    if direct and all(k.compiled is not None for k in (stats_k, combine_k, write_k)):
+        base = ws.data_ptr()  # later launches of a plan: raw addresses, no views
+        parts = {name: base + off for name, (off, _) in cp.ws_parts.items()}
+    else:
+        parts = {}
+        for name, (off, count) in cp.ws_parts.items():
+            if name != "end":
+                dtype = torch.int32 if name in ("bits", "tickets") else torch.float32
+                parts[name] = ws[off:off + 4 * count].view(dtype)
+    if cp.has_masks:
+        ms = tuple(m if m is not None else parts["total"]
+                   for k in cp.active for m in mask_rows_[k * n:(k + 1) * n])
+    else:
+        ms = (parts["total"],)
+    weights = cp.opt.weights if cp.opt.weights is not None else (1.0,) * n
+    w_args = {f"w{i}": (weights[i] if i < n else 1.0) for i in range(MAX_INPUTS)}
+    table = cp.table
+    with _device_guard(dev):
+        stats_k.launch(dict(xs=xs, ms=ms, meta=table, part1=parts["part1"],
+                            tickets=parts["tickets"], **w_args), dev, direct)
+        combine_k.launch(dict(meta=table, part1=parts["part1"], t_ptr=parts["t"],
+                              bits_ptr=parts["bits"], part2=parts["part2"],
+                              totals=parts["total"], tickets=parts["tickets"],
+                              threshold=cp.opt.threshold), dev, direct)
+        if reduce_totals is not None:
+            reduce_totals(ws[cp.ws_parts["total"][0]:][:4 * cp.plan.n_total].view(torch.float32))
+        write_k.launch(dict(xs=xs, os=os_, ms=ms, meta=table, t_ptr=parts["t"],
+                            bits_ptr=parts["bits"], totals=parts["total"],
+                            winner_ptr=winners if cp.return_info else parts["t"],
+                            members_ptr=members if cp.return_info else parts["t"], **w_args),
+                       dev, direct)
+    return winners, members
 
 
 @dataclass
@@ -225,7 +380,9 @@ def prepare(groups: list[list[torch.Tensor]], n_out: int, channel_dim: int) -> P
 
 def plan_for(prep: Prepared, n: int, elem_bytes: int, batch_normalizer: bool,
              mask_strides: list[tuple[int, ...]] | None = None):
-    """``(plan, layout kind, aligned, active group indices)`` of a prepared call."""
+    """``(plan, layout kind, statically aligned, active group indices)`` of a prepared call
+    (statically aligned: shapes and strides allow 16-byte vectors; the pointers of the
+    prepared tensors are checked too)."""
     active = [k for k, (_, _, lay) in enumerate(prep.groups) if lay.batch * lay.sites > 0]
     kinds = {layout_kind(prep.groups[k][2]) for k in active}
     kind = kinds.pop() if len(kinds) == 1 else P.GENERIC
@@ -245,9 +402,21 @@ def plan_for(prep: Prepared, n: int, elem_bytes: int, batch_normalizer: bool,
     return plan, kind, aligned, active
 
 
+# call signature -> CallPlan (the public functions' fast path), least recently used evicted
+_CALLS: OrderedDict = OrderedDict()
+_CALLS_LIMIT = 256
+
+
+def cached_call(key) -> CallPlan | None:
+    cp = _CALLS.get(key)
+    if cp is not None:
+        _CALLS.move_to_end(key)
+    return cp
+
+
 def fuse_groups(groups: list[list[torch.Tensor]], opt: FuseOptions, return_info: bool,
                 masks: list[list[torch.Tensor | None] | None] | None = None, *,
-                launch: bool = True):
+                launch: bool = True, key=None, reduce_totals=None):
     """Fuse every group (each N same-shape tensors; shapes may differ between groups) with the
     options ``opt`` (its ``channel_dim`` applies to every group).
 
@@ -255,83 +424,40 @@ def fuse_groups(groups: list[list[torch.Tensor]], opt: FuseOptions, return_info:
     Returns ``(outputs per group, winners, members)``: the info of all groups in two flat
     buffers, groups one after the other (``B * S`` winners, ``N * B * S`` members each), or
     ``None`` without ``return_info``. ``launch=False`` allocates only (the op's fake).
+    ``key``: the call's signature, under which the plan is cached for later calls.
+    ``reduce_totals``: applied in place to the normalisers between passes 2 and 3 (sharding).
     """
-    n = len(groups[0])
-    n_out = n if opt.unmerge else 1
-    prep = prepare(groups, n_out, opt.channel_dim)
+    if not launch:
+        n = len(groups[0])
+        prep = prepare(groups, n if opt.unmerge else 1, opt.channel_dim)
+        f0 = groups[0][0]
+        winners = members = None
+        if return_info:
+            winners = f0.new_empty((prep.total_sites,), dtype=torch.int64)
+            members = f0.new_empty((n * prep.total_sites,), dtype=torch.bool)
+        return [o for _, o, _ in prep.groups], winners, members
+    cp, prep, rows = build_call(groups, opt, return_info, masks)
+    if key is not None and cp.cacheable:
+        _CALLS[key] = cp
+        while len(_CALLS) > _CALLS_LIMIT:
+            _CALLS.popitem(last=False)
     outs = [o for _, o, _ in prep.groups]
-    f0 = groups[0][0]
-    dev = f0.device
-    winners = f0.new_empty((prep.total_sites,), dtype=torch.int64) if return_info else None
-    members = (f0.new_empty((n * prep.total_sites,), dtype=torch.bool) if return_info
-               else None)
-    if not launch or prep.total_sites == 0:
-        return outs, winners, members
+    winners, members = run_call(cp, [f for f, _, _ in prep.groups], outs, rows, reduce_totals)
+    return outs, winners, members
 
-    has_masks = masks is not None and any(
-        m is not None and any(x is not None for x in m) for m in masks)
-    mask_ptrs, mask_strides = [], None
-    if has_masks:
-        mask_strides = []
-        for k, (_, _, lay) in enumerate(prep.groups):
-            strides = []
-            for i in range(n):
-                m = masks[k][i] if masks[k] is not None else None
-                if m is None:
-                    strides.append(-1)
-                    mask_ptrs.append(None)
-                else:
-                    rows, stride = mask_rows(m, lay.batch, lay.sites)
-                    strides.append(stride)
-                    mask_ptrs.append(rows)
-            mask_strides.append(tuple(strides))
 
-    elem = f0.element_size()
-    plan, kind, aligned, active = plan_for(prep, n, elem, opt.batch_normalizer, mask_strides)
-    table = TABLES.get(plan.table(), dev)
-    ws = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=dev)
-    parts = {}
-    for name, (off, count) in plan.workspace_layout().items():
-        if name != "end":
-            dtype = torch.int32 if name in ("bits", "tickets") else torch.float32
-            parts[name] = ws[off:off + 4 * count].view(dtype)
-
-    xs = tuple(f for k in active for f in prep.groups[k][0])
-    os_ = tuple(o for k in active for o in prep.groups[k][1])
-    if has_masks:
-        ms = tuple(m if m is not None else parts["total"]
-                   for k in active for m in mask_ptrs[k * n:(k + 1) * n])
-    else:
-        ms = (parts["total"],)
-    weights = list(opt.weights) if opt.weights is not None else [1.0] * n
-    ws_ = [weights[i] if i < n else 1.0 for i in range(MAX_INPUTS)]
-    w_args = {f"w{i}": ws_[i] for i in range(MAX_INPUTS)}
-    g = len(active)
-    common = dict(G=g, GP=P.next_pow2(g), N=n, NP=plan.n_pad, K=P.TABLE_COLS,
-                  BATCH_NORMALIZER=opt.batch_normalizer)
-    tiles = plan.tiles
-    vec = 16 // elem
-    with _device_guard(dev):
-        _launch(K.stats_kernel, plan.programs13,
-                dict(xs=xs, ms=ms, meta=table, part1=parts["part1"], tickets=parts["tickets"],
-                     **w_args),
-                dict(common, STATW=plan.statw, LAYOUT=kind, ALIGNED=aligned, VEC=vec,
-                     HAS_MASKS=has_masks, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s), dev,
-                P.stats_warps(kind))
-        _launch(K.combine_kernel, plan.programs2,
-                dict(meta=table, part1=parts["part1"], t_ptr=parts["t"], bits_ptr=parts["bits"],
-                     part2=parts["part2"], totals=parts["total"], tickets=parts["tickets"],
-                     threshold=opt.threshold),
-                dict(common, STATW=plan.statw, PEARSON=opt.pearson,
-                     USE_VARIANCE=opt.use_variance, BLOCK_S2=tiles.block_s2,
-                     BLOCK_P=plan.block_p), dev)
-        _launch(K.write_kernel, plan.programs13,
-                dict(xs=xs, os=os_, ms=ms, meta=table, t_ptr=parts["t"], bits_ptr=parts["bits"],
-                     totals=parts["total"],
-                     winner_ptr=winners if return_info else parts["t"],
-                     members_ptr=members if return_info else parts["t"], **w_args),
-                dict(common, N_OUT=n_out, LAYOUT=kind, ALIGNED=aligned, VEC=vec,
-                     HAS_MASKS=has_masks, USE_VARIANCE=opt.use_variance, UNMERGE=opt.unmerge,
-                     INFO=return_info, F64=f0.dtype == torch.float64, BLOCK_C=tiles.block_c,
-                     BLOCK_S=tiles.block_s), dev)
+def fuse_cached(cp: CallPlan, groups: list[list[torch.Tensor]], masks=None, reduce_totals=None):
+    """A call whose plan is cached: the inputs are read in place; outputs are allocated like
+    input 0 of each group."""
+    outs = [[torch.empty_like(grp[0]) for _ in range(cp.n_out)] for grp in groups]
+    rows = None
+    if cp.has_masks:
+        rows = []
+        for grp, ms in zip(groups, masks if masks is not None else [None] * len(groups)):
+            b = grp[0].shape[0]
+            sites = grp[0].numel() // max(1, b * grp[0].shape[cp.opt.channel_dim])
+            for i in range(cp.n):
+                m = ms[i] if ms is not None else None
+                rows.append(None if m is None else mask_rows(m, b, sites)[0])
+    winners, members = run_call(cp, groups, outs, rows, reduce_totals)
     return outs, winners, members
