@@ -507,6 +507,9 @@ QUICK_KEEP = ((2, 1280, 8, 8),)
 QUICK_MAX_SITES = 64
 QUICK_MAX_ELEMENTS = 2**16
 QUICK_MANY_MAX_SITES = 16
+# ... and the project's target workload, one SD1.5 step (13 residuals) at N = 2, merged, run
+# un-scaled through max_fuse_many as well (about 70 s; not with --quick)
+FULL_STEP = ("sd15_controlnet_512", 2, False)
 TARGET_UNIQUE = 1.10  # the whole call: unique bytes <= 1.10 x the minimum
 DTYPE = "float16"
 
@@ -579,6 +582,11 @@ def plan_cases(table: dict, n_inputs: Sequence[int], quick: bool, max_sites: int
                          "channel_dim": cd, "n": n, "unmerge": unmerge})
     for name, cd, shapes in many:
         timed = [scale_sites(s, cd, many_max_sites) for s in shapes]
+        if not quick and name == FULL_STEP[0] and FULL_STEP[1] in n_inputs:
+            runs.append({"op": "max_fuse_many", "case": name + " (whole step)",
+                         "table_shape": [list(s) for s in shapes],
+                         "shape": [list(s) for s in shapes],
+                         "channel_dim": cd, "n": FULL_STEP[1], "unmerge": FULL_STEP[2]})
         for n, unmerge in modes:
             runs.append({"op": "max_fuse_many", "case": name,
                          "table_shape": [list(s) for s in shapes],
@@ -667,8 +675,25 @@ Shapes larger than the interpreter can run in reasonable time are scaled down by
 site dims (largest first) to at most {max_sites} sites and {max_elements} elements (sites x C)
 per sample and input (`max_fuse`), or {many_max_sites} sites per sample and group
 (`max_fuse_many`), keeping B and C ("measured shape");
-{keep} run un-scaled (one real SD1.5 shape per regime). `s`: interpreter seconds of the call.
+{keep} run un-scaled (one real SD1.5 shape per regime){full_step}. `s`: interpreter seconds of
+the call.
 """
+
+
+def _shown_args(argv: list[str]) -> str:
+    """The command line for the header, without the ``--note`` text (shown above it)."""
+    shown, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            shown.append("--note ...")
+            skip = True
+        elif a.startswith("--note="):
+            shown.append("--note=...")
+        else:
+            shown.append(a)
+    return " ".join(shown)
 
 
 def _git_commit(path) -> str:
@@ -750,14 +775,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep = QUICK_KEEP if args.quick else KEEP
     header = HEADER.format(
         label=label, note=(args.note.strip() + "\n\n") if args.note else "",
-        argv=" ".join(sys.argv[1:] if argv is None else argv),
+        argv=_shown_args(sys.argv[1:] if argv is None else list(argv)),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), torch=torch.__version__,
         triton=triton.__version__,
         kernels=str(Path(mk.__file__).resolve().parent.relative_to(root))
         if Path(mk.__file__).resolve().is_relative_to(root) else mk.__file__,
         commit=commit, dtype=DTYPE, target=TARGET_UNIQUE, max_sites=max_sites,
         max_elements=max_elements, many_max_sites=many_max,
-        keep=", ".join("×".join(map(str, s)) for s in keep))
+        keep=", ".join("×".join(map(str, s)) for s in keep),
+        full_step="" if args.quick else ", and so does one whole SD1.5 step through "
+        "`max_fuse_many` (N = 2, merge)")
     header += f"\nWhole run: {total:.0f} s on {os.cpu_count()} CPU cores.\n"
     text = markdown(records, header)
     print()
