@@ -33,7 +33,7 @@ CHANNELS_CONTIG = 2  # one run, channels of unit stride (tokens, channels-last m
 LAYOUT_NAMES = {GENERIC: "generic", SITES_CONTIG: "sites-contiguous",
                 CHANNELS_CONTIG: "channels-contiguous"}
 
-ROW_BYTES_SITES = 128  # bytes of a tile row along contiguous sites: one 128-byte line
+ROW_BYTES_SITES = 64  # bytes of a tile row along contiguous sites: two 32-byte sectors
 ROW_BYTES_CHANNELS = 256  # bytes of a tile row along contiguous channels
 GRAM_BUDGET = 4096  # NP * NP * BLOCK_C * BLOCK_S: pass 1's fp32 co-moment accumulators
 COMBINE_BUDGET = 1024  # NP * NP * BLOCK_S2: pass 2's co-moment tile
