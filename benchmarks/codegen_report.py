@@ -263,6 +263,7 @@ def _row(oc, case: Case, arch: int, idx: int, launch) -> dict:
         "ld_other": _widths(acc, "ld", lambda a: a.pointee != inp),
         "st_other": _widths(acc, "st", lambda a: a.pointee != inp),
         "unmatched_accesses": sum(a.pointee is None for a in acc),
+        "narrow_offsets": oc.narrow_offsets(launch.compiled.asm["ttir"]),
     }
 
 

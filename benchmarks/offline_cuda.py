@@ -796,3 +796,40 @@ __all__ = [
     "ptxas_usage", "ptxas_version", "require_compiled_kernels",
 ]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# 64-bit pointer offsets (from the TTIR)
+# ---------------------------------------------------------------------------------------------
+
+
+def narrow_offsets(ttir: str) -> list[str]:
+    """The ``tt.addptr`` operations of a kernel's TTIR whose offset is narrower than 64 bits
+    and not a compile-time constant (a constant, or a splat or broadcast of one): offsets that
+    could wrap past 2^31 elements. Returns their lines."""
+    import re
+
+    defs: dict[str, str] = {}
+    for m in re.finditer(r"^\s*(%[\w.#-]+)(?::\d+)? = ([\w.]+)(.*)$", ttir, re.M):
+        defs[m.group(1)] = m.group(2) + m.group(3)
+
+    def constant(name: str, depth: int = 0) -> bool:
+        d = defs.get(name, "")
+        if d.startswith("arith.constant"):
+            return True
+        if depth < 8 and (d.startswith("tt.splat") or d.startswith("tt.broadcast")):
+            src = re.match(r"[\w.]+\s+(%[\w.#-]+)", d)
+            return bool(src) and constant(src.group(1), depth + 1)
+        return False
+
+    out = []
+    for line in ttir.splitlines():
+        m = re.search(r"tt\.addptr (%[\w.#-]+), (%[\w.#-]+) : ([^,]+), (.+?)(\s+loc\(|$)",
+                      line)
+        if m is None:
+            continue
+        offset_type = m.group(4)
+        if "i64" in offset_type or constant(m.group(2)):
+            continue
+        out.append(line.strip())
+    return out

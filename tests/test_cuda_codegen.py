@@ -78,6 +78,15 @@ def test_no_register_spills(report, case, arch):
 VEC = [g for g in GRID if g[0].vector_loads]
 
 
+@pytest.mark.parametrize("case, arch", GRID, ids=IDS)
+def test_pointer_offsets_are_64_bit(report, case, arch):
+    """Every pointer offset of every launched kernel is int64 or a compile-time constant
+    (read from the TTIR), so tensors of 2^31 elements and more are addressed correctly."""
+    narrow = [f"launch {r['launch']} {r['kernel']}: {line}"
+              for r in _rows(report, case, arch) for line in r["narrow_offsets"]]
+    assert not narrow, "; ".join(narrow[:5])
+
+
 @pytest.mark.parametrize("case, arch", VEC, ids=[i for g, i in zip(GRID, IDS) if g in VEC])
 def test_input_loads_are_vectorised(report, case, arch):
     """Aligned fp16 inputs whose sites (NCHW) or channels (tokens) are contiguous: every global
@@ -124,6 +133,8 @@ assert not second.args["x_ptr"].aligned16
 assert package and all(l.device == 3 and l.arch == 86 for l in package)
 assert all(l.grid[0] * l.grid[1] * l.grid[2] >= 1 for l in package)
 assert "TRITON_INTERPRET" not in os.environ and not triton.knobs.runtime.interpret
+# the 64-bit offset check finds the 32-bit offsets of this kernel (offs * stride is i32)
+assert oc.narrow_offsets(first.compiled.asm["ttir"]), "narrow_offsets missed an i32 offset"
 # torch.cuda's device calls can drive the fake device (for a device guard's test)
 with oc.offline_cuda(80, torch_cuda_device=True) as rec:
     with torch.cuda.device(2):
