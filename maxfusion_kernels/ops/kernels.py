@@ -332,10 +332,21 @@ def combine_kernel(
     mean = tl.load(base + i64[:, None] * S + s[None, :], mask=m2, other=0.0)
     comoment = tl.load(base + srow * S + s[None, None, :], mask=m3, other=0.0)
     n_a = tl.minimum(CH, C).to(tl.float32)
+    # the next chunk's loads are issued before the current one is merged (by hand)
+    more = (s * 0 + 1) < nch  # [BLOCK_S]: a chunk 1 exists
+    next_mean = tl.load(base + STATW * S + i64[:, None] * S + s[None, :],
+                        mask=m2 & more[None, :], other=0.0)
+    next_com = tl.load(base + STATW * S + srow * S + s[None, None, :],
+                       mask=m3 & more[None, None, :], other=0.0)
     for k in range(1, nch):
-        base_k = base + k * STATW * S
-        mean_b = tl.load(base_k + i64[:, None] * S + s[None, :], mask=m2, other=0.0)
-        com_b = tl.load(base_k + srow * S + s[None, None, :], mask=m3, other=0.0)
+        mean_b = next_mean
+        com_b = next_com
+        base_k = base + (k + 1) * STATW * S
+        more = (s * 0 + k + 1) < nch
+        next_mean = tl.load(base_k + i64[:, None] * S + s[None, :], mask=m2 & more[None, :],
+                            other=0.0)
+        next_com = tl.load(base_k + srow * S + s[None, None, :], mask=m3 & more[None, None, :],
+                           other=0.0)
         n_b = tl.minimum(CH, C - k * CH).to(tl.float32)
         n_ab = n_a + n_b
         delta = mean_b - mean
