@@ -291,7 +291,7 @@ def build_call(groups, opt: FuseOptions, return_info: bool, masks=None):
                          HAS_MASKS=has_masks, USE_VARIANCE=opt.use_variance,
                          UNMERGE=opt.unmerge, INFO=return_info,
                          F64=f0.dtype == torch.float64, BLOCK_C=tiles.block_c,
-                         BLOCK_S=tiles.block_s), P.NUM_WARPS),
+                         BLOCK_S=tiles.block_s), P.write_warps(n)),
         ]
     layout = plan.workspace_layout()
     cp = CallPlan(n=n, n_out=n_out, opt=opt, return_info=return_info, plan=plan, kind=kind,

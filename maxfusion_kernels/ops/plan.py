@@ -47,6 +47,13 @@ def stats_warps(layout: int) -> int:
     alone, like the tiles, so results never depend on where a tensor starts in memory."""
     return 8 if layout == GENERIC else NUM_WARPS
 
+
+def write_warps(n: int) -> int:
+    """Warps of pass 3: 8 from N = 3 up (4 spilled 4 bytes on sm_80 to sm_89 with 13 groups
+    and unmerge), else ``NUM_WARPS``. A function of N alone, so a group's result is the same
+    in any call."""
+    return 8 if next_pow2(n) >= 4 else NUM_WARPS
+
 # The per-group table (int64, one row of TABLE_COLS per group), read by the kernels by column.
 COL_START13 = 0  # first program of the group in passes 1 and 3
 COL_START2 = 1  # first program of the group in pass 2
