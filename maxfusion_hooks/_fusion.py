@@ -1,7 +1,7 @@
 """The fusions the hook layer makes: one step's residuals (merge) and one fusion point (unmerge).
 
 Everything that calls the kernels for the hooks is in this file: :func:`fuse_residual_groups`
-fuses one step's residuals in one :func:`maxfusion_kernels.max_fuse_many` call (two kernel
+fuses one step's residuals in one :func:`maxfusion_kernels.max_fuse_many` call (three kernel
 launches on a GPU, whatever the number of residuals).
 """
 

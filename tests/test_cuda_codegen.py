@@ -221,3 +221,35 @@ def test_direct_launches_pass_what_tritons_binder_passes(tmp_path):
                          text=True, env=_env(), timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert res.stdout.strip().startswith("ok") and int(res.stdout.split()[-1]) > 50
+
+
+GRIDS = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import offline_cuda as oc
+import maxfusion_kernels as mk
+
+big_batch = [torch.empty(70000, 64, dtype=torch.float16) for _ in range(2)]  # [B, C]
+tokens = [torch.empty(3, 5000, 48, dtype=torch.float16) for _ in range(2)]
+with oc.offline_cuda(90) as rec:
+    mk.max_fuse(big_batch, backend="triton", return_info=True)
+    mk.max_fuse_many([big_batch, tokens], channel_dim=-1, backend="triton", unmerge=True)
+grids = [l.grid for l in rec.launches]
+assert len(grids) == 6, grids
+for x, y, z in grids:
+    assert (y, z) == (1, 1) and 1 <= x <= 2**31 - 1, (x, y, z)
+assert max(x for x, _, _ in grids) >= 70000
+print("ok", grids)
+'''
+
+
+def test_grids_stay_within_cuda_limits(tmp_path):
+    """Every launch's grid is 1-D (grid dimensions y and z are capped at 65,535 by CUDA), also
+    for a batch of 70,000 ``[B, C]`` rows, recorded under the fake driver."""
+    script = tmp_path / "grids.py"
+    script.write_text(GRIDS)
+    res = subprocess.run([sys.executable, str(script), str(BENCH)], capture_output=True,
+                         text=True, env=_env(), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.stdout.startswith("ok")

@@ -1,4 +1,4 @@
-"""max_fuse_many: many groups (shapes differ between groups) in two launches; each group's
+"""max_fuse_many: many groups (shapes differ between groups) in three launches; each group's
 result is that of the float64 reference for the group alone."""
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def test_sd15_step_equals_one_call_per_residual(backend, unmerge, device):
     for grp, got in zip(groups, many):
         one = mk.max_fuse(grp, unmerge=unmerge, weights=[1.0, 0.7], backend=backend)
         for a, b in zip(got if unmerge else [got], one if unmerge else [one]):
-            assert_close(a, b.double(), torch.float32)
+            # bitwise: a group's tiles do not depend on the other groups of the call
+            assert torch.equal(a, b)
 
 
 class _CountingKernel:
