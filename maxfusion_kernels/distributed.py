@@ -101,8 +101,8 @@ def group_from_name(name: str):
 
 
 def _seq_hash(values: Sequence[int]) -> int:
-    """A deterministic hash of a sequence of ints (Python's ``hash`` of str is salted per
-    process), in [0, 2**61 - 1)."""
+    """A hash of a sequence of ints in [0, 2**61 - 1), the same in every process (what the
+    ranks compare must not depend on anything but the values)."""
     h = len(values)
     for v in values:
         h = (h * 1000003 + int(v) + 1) % 2305843009213693951

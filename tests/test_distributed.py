@@ -425,3 +425,12 @@ def test_process_group_needs_an_initialised_group(monkeypatch):
         mk.max_fuse(feats, channel_dim=-1, process_group=group)
     with pytest.raises(RuntimeError, match="not initialised"):
         mk.max_fuse_many([feats], channel_dim=-1, process_group=group)
+
+
+def test_collective_bytes():
+    from maxfusion_kernels.distributed import collective_bytes
+
+    # 4 bytes x N per normaliser row: B rows per group (sample), 1 (batch)
+    groups = [[torch.zeros(2, 5, 8)] * 3, [torch.zeros(1, 7, 4)] * 3]
+    assert collective_bytes(groups) == 4 * 3 * (2 + 1)
+    assert collective_bytes(groups, normalize="batch") == 4 * 3 * 2
