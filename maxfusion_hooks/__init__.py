@@ -1,11 +1,14 @@
 """maxfusion_hooks: MaxFusion inside diffusers pipelines and raw PyTorch control models.
 
-``apply(target, level="residual" | "block", record=False, masks=None, **max_fuse_options)``
+``apply(target, level="residual" | "block", record=False, masks=None, process_group=None,
+**max_fuse_options)``
 patches a diffusers pipeline, a multi-condition combiner (``MultiControlNetModel``,
 ``MultiControlNetUnionModel``, ``SD3MultiControlNetModel``, ``FluxMultiControlNetModel``,
 ``MultiAdapter``) or a list of control models, and returns a handle whose ``remove()`` (or
 with-block) undoes every patch and whose ``set_masks`` changes the regional masks (one
-image-space mask per control model) between calls. See docs/integration.md.
+image-space mask per control model) between calls. Under diffusers' context parallelism a
+Flux pipeline's fused residuals are cut to each rank's tokens; ``process_group`` is for
+residuals that are themselves sharded. See docs/integration.md.
 
 Importing this package imports neither diffusers nor greenlet and initialises no CUDA context;
 the handlers match diffusers classes by name and import nothing.

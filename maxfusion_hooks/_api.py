@@ -22,7 +22,8 @@ from ._lockstep import (
     resolve_points,
 )
 from ._masks import RegionMasks, image_masks
-from .handlers import CombinerHandler, Job, find_combiner, find_family
+from ._parallel import cp_config, plan_splits_residuals, shard_flux_output
+from .handlers import CombinerHandler, FluxMultiControlNet, Job, find_combiner, find_family
 
 LEVELS = ("residual", "block")
 
@@ -60,6 +61,7 @@ class MaxFusionHandle:
         self._undo: list[Callable[[], None]] = []
         self._region: RegionMasks | None = None
         self._grid: tuple[int, int] | None = None  # the token grid of the call in progress
+        self._pipe: weakref.ref | None = None  # a Flux pipeline: its transformer's CP config
         self.active = True
 
     # ---- public ----
@@ -90,6 +92,8 @@ class MaxFusionHandle:
         if masks is None:
             self._region = None
             return
+        if self._settings.process_group is not None:
+            raise ValueError(_MASKS_SHARDED)
         n = len(self._models) if self._combiner is None or len(self._models) > 1 else None
         self._region = RegionMasks(image_masks(masks, n))
 
@@ -182,6 +186,18 @@ class MaxFusionHandle:
         return self._region.for_features(feats, self._settings.channel_dim, nets,
                                          grid=self._grid, hard=hard)
 
+    def _replicated_cp(self):
+        """The context-parallel config of the pipeline's transformer when this rank must
+        return its share of the (replicated) fused residuals, else ``None``."""
+        pipe = self._pipe() if self._pipe is not None else None
+        if pipe is None or self._settings.process_group is not None:
+            return None
+        transformer = getattr(pipe, "transformer", None)
+        cpc = cp_config(transformer)
+        if cpc is None or plan_splits_residuals(transformer):
+            return None
+        return cpc
+
     def _fused_call(self, jobs: list[Job], flatten, pack, *, weights_apply: bool, nothing,
                     grid: tuple[int, int] | None = None):
         rec = self._recorder
@@ -264,6 +280,11 @@ class MaxFusionHandle:
             self._undo.append(release)
 
 
+_MASKS_SHARDED = (
+    "regional masks are not supported with process_group: each rank would need the masks at "
+    "its own share of the tokens; use max_fuse(..., masks=..., process_group=...) directly")
+
+
 def _bind_call(model: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:
     return lambda: model(*args, **kwargs)
 
@@ -300,6 +321,7 @@ def apply(
     points: Any = None,
     global_pool: str = "mean",
     masks: Sequence[Any] | None = None,
+    process_group: Any = None,
     **max_fuse_options: Any,
 ) -> MaxFusionHandle:
     """Fuse several control models with MaxFusion instead of summing / averaging them.
@@ -332,6 +354,15 @@ def apply(
             model there. At block level the fusions inside the nets take the masks as removal
             only (1 wherever the resized mask is > 0) and the final merge as weights. Change
             them later with ``handle.set_masks``.
+        process_group: sharded residuals: a ``torch.distributed`` process group (or a 1-D
+            ``DeviceMesh``) over whose ranks the features every fusion sees are split, each
+            rank holding a contiguous share of the tokens (sites) with the whole batch and
+            all channels; the normalisers are summed over the ranks (``max_fuse``'s
+            ``process_group``). Do NOT pass it when every rank computes the full residuals
+            (diffusers' context parallelism as shipped: the ControlNets are not sharded): the
+            sums would be P times too large. A Flux pipeline whose transformer has a
+            context-parallel config needs no group: the combiner fuses the full residuals
+            and returns each rank's share of the tokens. Not with ``masks``.
         **max_fuse_options: ``threshold``, ``preset``, ``correlation``, ``saliency``,
             ``normalize``, ``backend`` (and ``channel_dim`` for raw models) as in
             :func:`maxfusion_kernels.max_fuse`.
@@ -343,7 +374,9 @@ def apply(
         AlreadyAppliedError: the target (or one of its models) is patched by a live handle.
         ValueError: bad options; block level on models of different architectures, or with a
             fusion point missing from a model.
-        TypeError: a target of no known kind.
+        TypeError: a target of no known kind; a ``process_group`` that is not a process
+            group.
+        RuntimeError: a ``process_group`` while torch.distributed is not initialised.
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {list(LEVELS)}, got {level!r}")
@@ -384,8 +417,10 @@ def apply(
         family.channel_dim if family is not None else None)
     settings = make_settings(
         {k: v for k, v in max_fuse_options.items()}, channel_dim=user_cd,
-        global_pool=global_pool, fixed_channel_dim=fixed_cd,
+        global_pool=global_pool, fixed_channel_dim=fixed_cd, process_group=process_group,
     )
+    if masks is not None and settings.process_group is not None:
+        raise ValueError(_MASKS_SHARDED)
 
     lock_points: list[FusionPoint] | None = None
     if level == "block":
@@ -413,6 +448,8 @@ def apply(
     handle = MaxFusionHandle(level, settings, Recorder(enabled=record), models, handler,
                              combiner)
     handle._region = region
+    if isinstance(handler, FluxMultiControlNet) and combiner is not target:
+        handle._pipe = weakref.ref(target)  # the pipeline: look its transformer up per call
     claimed = ([combiner] if combiner is not None else []) + (
         distinct if level == "block" or combiner is None else [])
     try:
@@ -443,9 +480,11 @@ def _combiner_forward(handle: MaxFusionHandle, handler: CombinerHandler, combine
                 a.update(a.pop(p.name, {}))
         jobs = handler.jobs(combiner, a)
         grid = handler.token_grid(combiner, a) if handle._region is not None else None
-        return handle._fused_call(jobs, handler.flatten, handler.pack,
-                                  weights_apply=handler.scales_are_weights,
-                                  nothing=handler.nothing, grid=grid)
+        out = handle._fused_call(jobs, handler.flatten, handler.pack,
+                                 weights_apply=handler.scales_are_weights,
+                                 nothing=handler.nothing, grid=grid)
+        cpc = handle._replicated_cp()
+        return out if cpc is None else shard_flux_output(out, cpc)
 
     forward.__wrapped__ = original  # inspect.signature(combiner.forward) stays the same
     forward.__doc__ = original.__doc__

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from maxfusion_kernels import max_fuse, max_fuse_many
+from maxfusion_kernels.distributed import resolve_group
 from maxfusion_kernels.options import BACKENDS, check_features, resolve_options
 
 GLOBAL_POOL_MODES = ("mean", "fuse")
@@ -46,23 +47,40 @@ class Record(NamedTuple):
 
 @dataclass(frozen=True)
 class FusionSettings:
-    """The options of every fusion one handle makes."""
+    """The options of every fusion one handle makes.
+
+    ``process_group``: sharded sites (``max_fuse``'s ``process_group``): the features every
+    fusion sees on this rank are this rank's contiguous share of the sites, and the
+    normalisers are summed over the group's ranks; ``None``: the sites are all here."""
 
     options: tuple[tuple[str, object], ...] = ()  # threshold, preset, ... as passed to max_fuse
     channel_dim: int = 1
     global_pool: str = "mean"
+    process_group: Any = None
 
     @property
     def kwargs(self) -> dict:
-        return dict(self.options)
+        kw = dict(self.options)
+        if self.process_group is not None:
+            kw["process_group"] = self.process_group
+        return kw
+
+    def one_site_mean(self, t: torch.Tensor) -> bool:
+        """Whether a one-site residual is averaged instead of fused (``global_pool="mean"``).
+        Never with sharded sites: a rank's share may have one site where another has more,
+        and every rank must take part in the same fusions."""
+        return (self.global_pool == "mean" and self.process_group is None
+                and _one_site(t, self.channel_dim))
 
 
 def make_settings(max_fuse_options: dict, *, channel_dim: int | None, global_pool: str,
-                  fixed_channel_dim: int | None = None) -> FusionSettings:
+                  fixed_channel_dim: int | None = None, process_group: Any = None
+                  ) -> FusionSettings:
     """Validate ``apply``'s max_fuse options (before any forward runs) into settings.
 
     ``fixed_channel_dim``: the channel dim a model family fixes (NCHW maps: 1, DiT tokens: -1);
-    a different ``channel_dim`` from the user is an error.
+    a different ``channel_dim`` from the user is an error. ``process_group``: checked and
+    resolved as ``max_fuse`` does (a group of one rank is ``None``).
     """
     for key in max_fuse_options:
         if key in _MANAGED:
@@ -92,7 +110,7 @@ def make_settings(max_fuse_options: dict, *, channel_dim: int | None, global_poo
     dummy = [torch.zeros(1, 2, 1), torch.zeros(1, 2, 1)]
     resolve_options(dummy, **{k: v for k, v in opts.items() if k != "backend"})
     return FusionSettings(options=tuple(sorted(opts.items())), channel_dim=channel_dim,
-                          global_pool=global_pool)
+                          global_pool=global_pool, process_group=resolve_group(process_group))
 
 
 @dataclass
@@ -163,7 +181,7 @@ def unmerge(feats: Sequence[torch.Tensor], *, settings: FusionSettings, name: st
 
     ``masks``: ``None`` or one ``max_fuse`` mask (or ``None``) per model."""
     feats = check_features(list(feats), what=f"features at fusion point {name!r}")
-    if settings.global_pool == "mean" and _one_site(feats[0], settings.channel_dim):
+    if settings.one_site_mean(feats[0]):
         m = _weighted_mean(feats, None, masks)
         if masks is None or all(mi is None for mi in masks):
             return [m.clone() for _ in feats]
@@ -209,7 +227,9 @@ def fuse_residual_groups(
     Returns:
         One merged tensor per group. With N = 1 the single net's residual (times its weight).
         A residual with one site per sample (``[B, C, 1, 1]``, global-pool ControlNets) is the
-        mean of the weighted inputs when ``settings.global_pool == "mean"``.
+        mean of the weighted inputs when ``settings.global_pool == "mean"`` (and no
+        ``settings.process_group``: with one, every group is fused, in one call whose
+        normalisers are summed over the group's ranks).
     """
     if not groups:
         return []
@@ -239,7 +259,7 @@ def fuse_residual_groups(
                                       gm[0], settings.channel_dim))
             continue
         feats = check_features(list(group), what=f"residual {name!r}")
-        if settings.global_pool == "mean" and _one_site(feats[0], settings.channel_dim):
+        if settings.one_site_mean(feats[0]):
             out.append(_weighted_mean(feats, weights, gm))
             continue
         batched.append((len(out), name, feats, gm))

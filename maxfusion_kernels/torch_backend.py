@@ -146,29 +146,55 @@ def _empty_result(feats, opt, return_info):
 
 def fuse_torch_groups(groups: list[list[torch.Tensor]], opts: list[FuseOptions],
                       return_info: bool, masks=None,
-                      reduce_totals: Callable[[torch.Tensor], torch.Tensor] | None = None):
-    """Fuse every group; ``reduce_totals`` (e.g. a sum over the ranks of a process group)
-    is applied once to the local normalisers of all groups, concatenated."""
+                      reduce_totals: Callable[[torch.Tensor], None] | None = None):
+    """Fuse every group. ``reduce_totals`` (sharded sites: a sum over the ranks of a process
+    group) is applied once, in place, to the local normalisers of all groups in one flat
+    tensor laid out as the Triton path's (per group ``rows x N``, rows = B or 1 for the batch
+    normaliser; zeros for a group without sites here; ``maxfusion_kernels.distributed``)."""
     stats = [group_stats(grp, o, masks[k] if masks is not None else None)
              for k, (grp, o) in enumerate(zip(groups, opts))]
-    totals = [st.total for st in stats if st is not None]
-    if reduce_totals is not None and totals:
-        flat = reduce_totals(torch.cat([t.reshape(-1) for t in totals]))
-        totals, off = [], 0
-        for st in stats:
-            if st is not None:
-                totals.append(flat[off:off + st.total.numel()].view_as(st.total))
-                off += st.total.numel()
-    results, it = [], iter(totals)
-    for grp, o, st in zip(groups, opts, stats):
+    totals = [None if st is None else st.total for st in stats]
+    if reduce_totals is not None:
+        totals = _reduced(groups, opts, stats, reduce_totals)
+    results = []
+    for grp, o, st, total in zip(groups, opts, stats, totals):
         results.append(_empty_result(grp, o, return_info) if st is None
-                       else group_finish(st, next(it), o, return_info))
+                       else group_finish(st, total, o, return_info))
     return results
+
+
+def _reduced(groups, opts, stats, reduce_totals):
+    """Every group's ``[N, rows, 1]`` totals after ``reduce_totals`` of their flat
+    ``rows x N`` concatenation (None for groups without sites)."""
+    n = len(groups[0])
+    f0 = groups[0][0]
+    acc = torch.float64 if f0.dtype == torch.float64 else torch.float32
+    parts = []
+    for grp, o, st in zip(groups, opts, stats):
+        if st is not None:
+            parts.append(st.total.reshape(n, -1).t().reshape(-1))
+        else:  # no site on this rank: zeros, so the ranks' collectives match
+            rows = 1 if o.batch_normalizer else grp[0].shape[0]
+            parts.append(torch.zeros(rows * n, dtype=acc, device=f0.device))
+    flat = torch.cat(parts)
+    if flat.numel():
+        reduce_totals(flat)
+    out, off = [], 0
+    for st, part in zip(stats, parts):
+        count = part.numel()
+        if st is not None:
+            rows = count // n
+            out.append(flat[off:off + count].view(rows, n).t().reshape(st.total.shape))
+        else:
+            out.append(None)
+        off += count
+    return out
 
 
 def fuse_torch(
     feats: list[torch.Tensor], opt: FuseOptions, return_info: bool,
     masks: list[torch.Tensor | None] | None = None,
+    reduce_totals: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """Fuse checked ``feats`` with resolved ``opt``.
 
@@ -179,10 +205,11 @@ def fuse_torch(
 
     Returns ``(outputs, winner, members)``: one output (merge) or N (unmerge), each shaped and
     laid out like ``feats[0]`` in its dtype; ``winner`` ``[B, *sites]`` int64 and ``members``
-    ``[N, B, *sites]`` bool when ``return_info`` (else ``None``).
+    ``[N, B, *sites]`` bool when ``return_info`` (else ``None``). ``reduce_totals``: as for
+    :func:`fuse_torch_groups` (sharded sites).
     """
     return fuse_torch_groups([feats], [opt], return_info,
-                             None if masks is None else [masks])[0]
+                             None if masks is None else [masks], reduce_totals)[0]
 
 
 def _restore(y: torch.Tensor, like: torch.Tensor, cd: int) -> torch.Tensor:

@@ -115,7 +115,7 @@ def test_opcheck(use_triton, device):
     flat = [f for g in groups for f in g]
     torch.library.opcheck(
         torch.ops.maxfusion.max_fuse_many.default,
-        (flat, 2, 0.7, False, True, True, True, [1.0, 1.0], 1, True, use_triton, []),
+        (flat, 2, 0.7, False, True, True, True, [1.0, 1.0], 1, True, use_triton, [], ""),
     )
 
 

@@ -12,7 +12,9 @@ import maxfusion_kernels as mk
 
 def _op_args(feats, *, unmerge=False, pearson=False, info=True, use_triton=True):
     n = len(feats)
-    return (feats, 0.7, unmerge, pearson, pearson, pearson, [1.0] * n, 1, info, use_triton, [])
+    # the last argument: the process group's name, "" for none (tests/test_distributed.py)
+    return (feats, 0.7, unmerge, pearson, pearson, pearson, [1.0] * n, 1, info, use_triton, [],
+            "")
 
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])

@@ -160,34 +160,40 @@ FLUX_DIMS = dict(attention_head_dim=8, num_attention_heads=2, joint_attention_di
                  pooled_projection_dim=32, axes_dims_rope=[2, 2, 4])
 
 
-def tiny_flux_transformer(seed: int = 0):
+def _flux_dims(heads: int) -> dict:
+    # Ulysses context parallelism over P ranks needs a multiple of P attention heads
+    # (tests/test_hooks_distributed.py runs 4 ranks with heads=4)
+    return {**FLUX_DIMS, "num_attention_heads": heads}
+
+
+def tiny_flux_transformer(seed: int = 0, *, heads: int = 2):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, **FLUX_DIMS
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, **_flux_dims(heads)
     ).eval()
 
 
-def tiny_flux_controlnet(seed: int = 0, *, driven: bool = True):
+def tiny_flux_controlnet(seed: int = 0, *, driven: bool = True, heads: int = 2):
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(seed)
     net = FluxControlNetModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, **FLUX_DIMS
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, **_flux_dims(heads)
     ).eval()
     return make_condition_driven(net, seed + 1000) if driven else net
 
 
-def flux_controlnet_pipeline(n: int = 2, seed: int = 0):
+def flux_controlnet_pipeline(n: int = 2, seed: int = 0, *, heads: int = 2):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
 
     pipe = FluxControlNetPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=tiny_vae(seed, latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035),
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-        transformer=tiny_flux_transformer(seed),
-        controlnet=[tiny_flux_controlnet(seed + 1 + k) for k in range(n)],
+        transformer=tiny_flux_transformer(seed, heads=heads),
+        controlnet=[tiny_flux_controlnet(seed + 1 + k, heads=heads) for k in range(n)],
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

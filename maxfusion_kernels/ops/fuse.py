@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..distributed import group_from_name, resolve_group, totals_reducer
 from ..options import BACKENDS as _BACKENDS
 from ..options import FuseInfo, FuseOptions, check_features, check_masks, resolve_options
 from ..torch_backend import fuse_torch
@@ -133,17 +134,18 @@ def eager_mode() -> bool:
 
 
 def fuse_one(feats: list[torch.Tensor], opt: FuseOptions, return_info: bool,
-             masks: list[torch.Tensor | None] | None, use_triton: bool, key=None):
+             masks: list[torch.Tensor | None] | None, use_triton: bool, key=None, group=None):
     """``(outputs, winner [B*S], members [N*B*S])`` of one group by the chosen backend
-    (``key``: the call's signature, to cache its plan)."""
+    (``key``: the call's signature, to cache its plan; ``group``: the resolved process group
+    whose ranks hold the other shares of the sites, or None)."""
+    reduce = totals_reducer(group, [feats], opt, use_triton) if group is not None else None
     if use_triton:
         outs, winner, members = fuse_groups([feats], opt, return_info,
-                                            None if masks is None else [masks], key=key)
+                                            None if masks is None else [masks], key=key,
+                                            reduce_totals=reduce)
         return outs[0], winner, members
-    if masks is not None:
-        outs, winner, members = fuse_torch(feats, opt, return_info, masks=masks)
-    else:
-        outs, winner, members = fuse_torch(feats, opt, return_info)
+    outs, winner, members = fuse_torch(feats, opt, return_info, masks=masks,
+                                       reduce_totals=reduce)
     if return_info:
         winner, members = winner.reshape(-1), members.reshape(-1)
     return outs, winner, members
@@ -175,19 +177,23 @@ def _max_fuse_op(
     return_info: bool,
     use_triton: bool,
     masks: list[torch.Tensor | None],
+    process_group: str,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``torch.ops.maxfusion.max_fuse``: the fusion with every option spelled out.
 
     Returns ``(outputs, winner, members)``, the info flat (``B * S`` winners, ``N * B * S``
     members) and empty unless ``return_info``. ``masks``: empty, or N entries (None or a
     checked ``[Bm, *sites]`` mask). ``use_triton`` picks the Triton kernels (CUDA, or CPU with
-    ``TRITON_INTERPRET=1``) over the vectorised torch path. An opaque op: ``torch.compile``
-    records it as one node (``fullgraph=True`` works) and runs it as in eager mode.
+    ``TRITON_INTERPRET=1``) over the vectorised torch path. ``process_group``: the
+    ``group_name`` of the process group whose ranks hold the other shares of the sites
+    (``""``: none); its all-reduce of the normalisers runs inside the op. An opaque op:
+    ``torch.compile`` records it as one node (``fullgraph=True`` works, also with a process
+    group: no graph break) and runs it as in eager mode.
     """
     opt = options_from_flags(threshold, unmerge, pearson, use_variance, batch_normalizer,
                              weights, channel_dim)
     outs, winner, members = fuse_one(list(features), opt, return_info, _op_masks(masks),
-                                     use_triton)
+                                     use_triton, group=group_from_name(process_group))
     if not return_info:
         winner, members = _empty_info(features[0])
     return outs, winner, members
@@ -195,7 +201,7 @@ def _max_fuse_op(
 
 @_max_fuse_op.register_fake
 def _(features, threshold, unmerge, pearson, use_variance, batch_normalizer, weights,
-      channel_dim, return_info, use_triton, masks):
+      channel_dim, return_info, use_triton, masks, process_group):
     opt = options_from_flags(threshold, unmerge, pearson, use_variance, batch_normalizer,
                              weights, channel_dim)
     outs, winner, members = fuse_groups([list(features)], opt, return_info, launch=False)
@@ -232,6 +238,7 @@ def max_fuse(
     channel_dim: int = 1,
     return_info: bool = False,
     backend: str = "auto",
+    process_group=None,
 ):
     """Fuse N feature tensors of one shape with MaxFusion (SPEC.md).
 
@@ -258,6 +265,15 @@ def max_fuse(
         return_info: also return a :class:`FuseInfo` with the winner ``[B, *sites]`` (int64)
             and the group ``[N, B, *sites]`` (bool).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`choose_backend`).
+        process_group: sharded sites (SPEC.md): a ``torch.distributed`` process group (or a
+            1-D ``DeviceMesh``) whose ranks each hold a contiguous share of the sites of every
+            sample, with the whole batch and all channels (e.g. the tokens of a DiT under
+            context parallelism). The normalisers are summed over the ranks by one all-reduce
+            of ``4 * N * B`` bytes (``4 * N`` for the batch normaliser) between the kernel
+            passes, with no host sync; each rank gets its slice of the fusion of all the sites.
+            Every rank must make the same call (same N, B, C, options; the number of sites
+            may differ); this is checked with one small all-reduce and host sync the first
+            time a call of this shape is made over the group. ``None``: the sites are all here.
 
     Returns:
         The fused tensor (merge) or a list of N tensors (unmerge), with the shape and dtype of
@@ -268,17 +284,20 @@ def max_fuse(
         TypeError, ValueError: naming the argument and the problem (see docs/api.md).
     """
     key = None
+    group = resolve_group(process_group) if process_group is not None else None
     if eager_mode():  # a call whose signature was seen: no validation, no planning
         options = (threshold, unmerge, preset, correlation, saliency, normalize,
                    weights_key(weights), channel_dim, return_info, backend,
-                   interpreter_enabled())
+                   interpreter_enabled(), None if group is None else group.group_name)
         key = call_signature([features], None if masks is None else [masks], options)
         cp = cached_call(key) if key is not None else None
         if cp is not None:
             feats = list(features)
             cd = cp.opt.channel_dim
             ms = _check_masks(masks, feats, cd)
-            outs, winner, members = fuse_cached(cp, [feats], None if ms is None else [ms])
+            reduce = None if group is None else totals_reducer(group, [feats], cp.opt, True)
+            outs, winner, members = fuse_cached(cp, [feats], None if ms is None else [ms],
+                                                reduce_totals=reduce)
             result = outs[0] if cp.opt.unmerge else outs[0][0]
             if return_info:
                 return result, info_views(winner, members, feats[0], cd, cp.n)
@@ -293,13 +312,14 @@ def max_fuse(
     n = len(feats)
     if eager_call(feats):
         outs, winner, members = fuse_one(feats, opt, return_info, checked_masks, use_triton,
-                                         key=key)
+                                         key=key, group=group)
     else:
         outs, winner, members = torch.ops.maxfusion.max_fuse(
             feats, opt.threshold, opt.unmerge, opt.pearson, opt.use_variance,
             opt.batch_normalizer, list(opt.weights) if opt.weights is not None else [1.0] * n,
             opt.channel_dim, return_info, use_triton,
             list(checked_masks) if checked_masks is not None else [],
+            "" if group is None else group.group_name,
         )
     result = list(outs) if opt.unmerge else outs[0]
     if return_info:

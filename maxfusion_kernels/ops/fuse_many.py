@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 
+from ..distributed import group_from_name, resolve_group, totals_reducer
 from ..options import check_features, resolve_options
 from ..torch_backend import fuse_torch_groups
 from .fuse import (
@@ -39,13 +40,16 @@ def _split(items, n_inputs):
     return [list(items[k:k + n_inputs]) for k in range(0, len(items), n_inputs)]
 
 
-def fuse_all(groups, opt, return_info, masks, use_triton, key=None):
+def fuse_all(groups, opt, return_info, masks, use_triton, key=None, group=None):
     """``(outputs per group, winners, members)`` of every group by the chosen backend; the
-    info flat, groups one after the other (``key``: the call's signature, to cache its plan)."""
+    info flat, groups one after the other (``key``: the call's signature, to cache its plan;
+    ``group``: the resolved process group of sharded sites, or None: one all-reduce of the
+    normalisers of all groups)."""
+    reduce = totals_reducer(group, groups, opt, use_triton) if group is not None else None
     if use_triton:
-        return fuse_groups(groups, opt, return_info, masks, key=key)
+        return fuse_groups(groups, opt, return_info, masks, key=key, reduce_totals=reduce)
     opts = [replace(opt, channel_dim=opt.channel_dim % grp[0].dim()) for grp in groups]
-    fused = fuse_torch_groups(groups, opts, return_info, masks)
+    fused = fuse_torch_groups(groups, opts, return_info, masks, reduce)
     outs = [res for res, _, _ in fused]
     if not return_info:
         return outs, None, None
@@ -82,23 +86,25 @@ def _max_fuse_many_op(
     return_info: bool,
     use_triton: bool,
     masks: list[torch.Tensor | None],
+    process_group: str,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``torch.ops.maxfusion.max_fuse_many``: ``features`` holds the groups one after the
     other, ``n_inputs`` tensors each (``masks``: empty, or one entry per feature). Returns the
     flat list of outputs (1 or N per group), and the winners and members of all groups in two
     flat tensors (groups one after the other: ``B * S`` winners and ``N * B * S`` members
-    each; empty unless ``return_info``). An opaque op, like ``max_fuse``."""
+    each; empty unless ``return_info``). ``process_group``: a group name, as for
+    ``max_fuse`` (one all-reduce for all groups). An opaque op, like ``max_fuse``."""
     groups = _split(features, n_inputs)
     opt = options_from_flags(threshold, unmerge, pearson, use_variance, batch_normalizer,
                              weights, channel_dim)
     res = fuse_all(groups, opt, return_info, _op_masks(masks, len(groups), n_inputs),
-                   use_triton)
+                   use_triton, group=group_from_name(process_group))
     return _flat_results(*res, features[0])
 
 
 @_max_fuse_many_op.register_fake
 def _(features, n_inputs, threshold, unmerge, pearson, use_variance, batch_normalizer, weights,
-      channel_dim, return_info, use_triton, masks):
+      channel_dim, return_info, use_triton, masks, process_group):
     groups = _split(features, n_inputs)
     opt = options_from_flags(threshold, unmerge, pearson, use_variance, batch_normalizer,
                              weights, channel_dim)
@@ -124,6 +130,7 @@ def max_fuse_many(
     channel_dim: int = 1,
     return_info: bool = False,
     backend: str = "auto",
+    process_group=None,
 ):
     """Fuse many groups of N feature tensors (e.g. one denoising step's residuals) at once.
 
@@ -138,6 +145,10 @@ def max_fuse_many(
         masks: None, or G entries, each None or N masks as for ``max_fuse`` (per group, since
             the groups' sites differ).
         return_info: also return a list of :class:`FuseInfo`, one per group.
+        process_group: sharded sites, as for ``max_fuse``: every group's sites are split
+            over the ranks; the normalisers of all groups are summed by ONE all-reduce per
+            call (``4 * N * B`` bytes per group for the sample normaliser, ``4 * N`` for the
+            batch one). A group may have no site on some rank (uneven shards).
 
     Returns:
         A list with one result per group (a tensor, or a list of N with ``unmerge``), and with
@@ -147,10 +158,11 @@ def max_fuse_many(
     With the Triton backend all groups are fused in three kernel launches whatever G is.
     """
     key = None
+    group = resolve_group(process_group) if process_group is not None else None
     if eager_mode():  # a call whose signature was seen: no validation, no planning
         options = ("many", threshold, unmerge, preset, correlation, saliency, normalize,
                    weights_key(weights), channel_dim, return_info, backend,
-                   interpreter_enabled())
+                   interpreter_enabled(), None if group is None else group.group_name)
         key = call_signature(groups, masks, options)
         cp = cached_call(key) if key is not None and len(groups) else None
         if cp is not None:
@@ -160,7 +172,8 @@ def max_fuse_many(
                 ms = [None if m is None else _check_masks(m, g, channel_dim % g[0].dim(),
                                                           what=f"masks[{k}]")
                       for k, (m, g) in enumerate(zip(masks, groups))]
-            outs, winners, members = fuse_cached(cp, groups, ms)
+            reduce = None if group is None else totals_reducer(group, groups, cp.opt, True)
+            outs, winners, members = fuse_cached(cp, groups, ms, reduce_totals=reduce)
             return _results(groups, outs, winners, members, cp.opt.unmerge, return_info,
                             channel_dim)
     if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
@@ -187,7 +200,7 @@ def max_fuse_many(
     flat = [f for grp in checked for f in grp]
     if eager_call(flat):
         outs, winners, members = fuse_all(checked, opt, return_info, checked_masks, use_triton,
-                                          key=key)
+                                          key=key, group=group)
         return _results(checked, outs, winners, members, opt.unmerge, return_info, channel_dim)
     else:
         flat_masks = ([] if checked_masks is None else
@@ -196,6 +209,7 @@ def max_fuse_many(
             flat, n, opt.threshold, opt.unmerge, opt.pearson, opt.use_variance,
             opt.batch_normalizer, list(opt.weights) if opt.weights is not None else [1.0] * n,
             channel_dim, return_info, use_triton, flat_masks,
+            "" if group is None else group.group_name,
         )
     n_out = n if opt.unmerge else 1
     per_group = [list(outs[k * n_out:(k + 1) * n_out]) for k in range(len(checked))]

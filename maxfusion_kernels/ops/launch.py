@@ -315,6 +315,8 @@ def run_call(cp: CallPlan, inputs: list[list[torch.Tensor]], outs: list[list[tor
         winners = torch.empty((cp.total_sites,), dtype=torch.int64, device=dev)
         members = torch.empty((n * cp.total_sites,), dtype=torch.bool, device=dev)
     if not cp.active:
+        if reduce_totals is not None:
+            _reduce_totals(cp, inputs, None, reduce_totals)
         return winners, members
     xs = tuple(f for k in cp.active for f in inputs[k])
     os_ = tuple(o for k in cp.active for o in outs[k])
@@ -349,14 +351,44 @@ def run_call(cp: CallPlan, inputs: list[list[torch.Tensor]], outs: list[list[tor
                               bits_ptr=parts["bits"], part2=parts["part2"],
                               totals=parts["total"], tickets=parts["tickets"],
                               threshold=cp.opt.threshold), dev, direct)
-        if reduce_totals is not None:
-            reduce_totals(ws[cp.ws_parts["total"][0]:][:4 * cp.plan.n_total].view(torch.float32))
+        if reduce_totals is not None:  # sharded sites: the totals of every rank, summed
+            _reduce_totals(cp, inputs, ws, reduce_totals)
         write_k.launch(dict(xs=xs, os=os_, ms=ms, meta=table, t_ptr=parts["t"],
                             bits_ptr=parts["bits"], totals=parts["total"],
                             winner_ptr=winners if cp.return_info else parts["t"],
                             members_ptr=members if cp.return_info else parts["t"], **w_args),
                        dev, direct)
     return winners, members
+
+
+def _reduce_totals(cp: CallPlan, inputs: list[list[torch.Tensor]], ws: torch.Tensor | None,
+                   reduce_totals) -> None:
+    """Apply ``reduce_totals`` in place to the normalisers of every group of the call: a flat
+    float32 tensor, per group ``rows x N`` (rows = B, or 1 for the batch normaliser), groups in
+    order (``maxfusion_kernels.distributed``). When every group has sites on this rank that is
+    the workspace's totals themselves; otherwise the groups without sites take part with zeros
+    (their shards are empty here, not on the other ranks) through a small padded copy."""
+    n = cp.n
+    off = cp.ws_parts["total"][0]
+    local = None if ws is None else ws[off:off + 4 * cp.plan.n_total].view(torch.float32)
+    if local is not None and len(cp.active) == len(inputs):
+        if local.numel():
+            reduce_totals(local)
+        return
+    rows = [1 if cp.opt.batch_normalizer else grp[0].shape[0] for grp in inputs]
+    starts = [0]
+    for r in rows:
+        starts.append(starts[-1] + r)
+    if starts[-1] == 0:
+        return
+    full = torch.zeros(n * starts[-1], dtype=torch.float32, device=inputs[0][0].device)
+    spans = [(n * starts[k], n * cp.plan.groups[j].row_off, n * cp.plan.groups[j].rows)
+             for j, k in enumerate(cp.active)]
+    for dst, src, count in spans:
+        full[dst:dst + count].copy_(local[src:src + count])
+    reduce_totals(full)
+    for dst, src, count in spans:
+        local[src:src + count].copy_(full[dst:dst + count])
 
 
 @dataclass
