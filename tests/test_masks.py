@@ -377,3 +377,19 @@ def test_inference_tensors_are_checked_at_every_call():
         mask.fill_(3.0)  # no version counter on an inference tensor: still caught
         with pytest.raises(ValueError, match="max 3"):
             mk.max_fuse(feats, masks=[mask, None], backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_call_with_masks_and_an_empty_group(backend, device):
+    """The second call of a signature takes the cached plan: its masks (next to a group with no
+    sample, and groups of different dims) give what the first call gave."""
+    grp = make_features((2, 8, 4, 4), 2, seed=3, device=device)
+    tok = make_features((2, 6, 8), 2, seed=4, device=device)  # 3-D: [B, C, L]
+    empty = [torch.randn(0, 8, 4, 4, device=device) for _ in range(2)]
+    masks = [[torch.rand(4, 4, device=device), None], [torch.rand(4, 4, device=device), None],
+             [None, torch.rand(2, 8, device=device)]]
+    first = mk.max_fuse_many([grp, empty, tok], masks=masks, channel_dim=1, backend=backend)
+    again = mk.max_fuse_many([grp, empty, tok], masks=masks, channel_dim=1, backend=backend)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert first[1].shape == (0, 8, 4, 4)

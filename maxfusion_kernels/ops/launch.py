@@ -11,6 +11,7 @@ Triton would pass (see :func:`_launch`).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -237,10 +238,12 @@ class CallPlan:
     cacheable: bool  # inputs are read in place (no copy to a common layout)
 
 
-def _mask_entries(masks, prep, n):
-    """Per active position ``(rows tensor or None)`` and per group the mask batch strides."""
+def _mask_entries(masks, sizes: list[tuple[int, int]], n: int):
+    """Every group's masks as the kernels read them: ``(rows, strides)``, rows the float32
+    ``[Bm, S]`` tensor (or None) per group and input in order, strides per group the masks'
+    batch strides (-1: no mask). ``sizes``: per group ``(B, S)``."""
     rows_all, strides_all = [], []
-    for k, (_, _, lay) in enumerate(prep.groups):
+    for k, (batch, sites) in enumerate(sizes):
         strides = []
         for i in range(n):
             m = masks[k][i] if masks is not None and masks[k] is not None else None
@@ -248,7 +251,7 @@ def _mask_entries(masks, prep, n):
                 strides.append(-1)
                 rows_all.append(None)
             else:
-                rows, stride = mask_rows(m, lay.batch, lay.sites)
+                rows, stride = mask_rows(m, batch, sites)
                 strides.append(stride)
                 rows_all.append(rows)
         strides_all.append(tuple(strides))
@@ -264,7 +267,8 @@ def build_call(groups, opt: FuseOptions, return_info: bool, masks=None):
                     for f, g in zip(feats, grp))
     has_masks = masks is not None and any(
         m is not None and any(x is not None for x in m) for m in masks)
-    mask_rows_, mask_strides = _mask_entries(masks, prep, n) if has_masks else (None, None)
+    sizes = [(lay.batch, lay.sites) for _, _, lay in prep.groups]
+    mask_rows_, mask_strides = _mask_entries(masks, sizes, n) if has_masks else (None, None)
     f0 = groups[0][0]
     elem = f0.element_size()
     plan, kind, static_aligned, active = plan_for(prep, n, elem, opt.batch_normalizer,
@@ -485,12 +489,11 @@ def fuse_cached(cp: CallPlan, groups: list[list[torch.Tensor]], masks=None, redu
     outs = [[torch.empty_like(grp[0]) for _ in range(cp.n_out)] for grp in groups]
     rows = None
     if cp.has_masks:
-        rows = []
-        for grp, ms in zip(groups, masks if masks is not None else [None] * len(groups)):
-            b = grp[0].shape[0]
-            sites = grp[0].numel() // max(1, b * grp[0].shape[cp.opt.channel_dim])
-            for i in range(cp.n):
-                m = ms[i] if ms is not None else None
-                rows.append(None if m is None else mask_rows(m, b, sites)[0])
+        sizes = []
+        for g in groups:
+            cd = cp.opt.channel_dim % g[0].dim()  # raw (maybe negative) for max_fuse_many
+            sizes.append((g[0].shape[0],
+                          math.prod(v for d, v in enumerate(g[0].shape) if d not in (0, cd))))
+        rows = _mask_entries(masks, sizes, cp.n)[0]
     winners, members = run_call(cp, groups, outs, rows, reduce_totals)
     return outs, winners, members
