@@ -20,7 +20,7 @@ from PIL import Image
 from tiny_models import single_thread_fixture
 
 from maxfusion_hooks import cli
-from maxfusion_hooks.demo import (
+from maxfusion_hooks.cli.demo import (
     DemoConfig,
     DemoError,
     compose_figure,
@@ -357,8 +357,8 @@ def test_bench_without_the_source_tree(tmp_path, capsys):
 
 
 def test_cli_and_demo_import_no_diffusers():
-    probe = ("import sys, maxfusion_hooks.cli, maxfusion_hooks.demo, "
-             "maxfusion_hooks.offline_models\n"
+    probe = ("import sys, maxfusion_hooks.cli, maxfusion_hooks.cli.demo, "
+             "maxfusion_hooks.cli.demo.offline_models\n"
              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
              "('diffusers', 'transformers')))")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -1,15 +1,15 @@
 """The kernels, as the package's launchers launch them, compile for NVIDIA GPUs (sm_80, sm_86,
 sm_89, sm_90) without register spills and with vectorised input loads. No GPU is needed.
 
-``benchmarks/codegen_report.py --cases ci`` runs in a subprocess without ``TRITON_INTERPRET``
-(the interpreter runs kernels as Python and accepts code the compiler rejects): every case of
-its reduced list (``Case.ci``) calls the public ``max_fuse`` / ``max_fuse_many`` on CPU tensors
-under a fake Triton CUDA driver (``benchmarks/offline_cuda.py``), so the launcher's tiles and
-grids, Triton's binder (16-byte alignment, divisibility by 16, ``== 1``) and its compiler work
-exactly as for a GPU launch, and each launch is recorded instead of run; ``ptxas -v`` and the
-PTX give registers, spills and the width of every global load. The kernels are not named here:
-whatever the launchers launch is checked.
-"""
+``benchmarks/analysis/codegen_report.py --cases ci`` runs in a subprocess without
+``TRITON_INTERPRET`` (the interpreter runs kernels as Python and accepts code the compiler
+rejects): every case of its reduced list (``Case.ci``) calls the public ``max_fuse`` /
+``max_fuse_many`` on CPU tensors under a fake Triton CUDA driver
+(``benchmarks/analysis/offline_cuda.py``), so the launcher's tiles and grids, Triton's binder
+(16-byte alignment, divisibility by 16, ``== 1``) and its compiler work exactly as for a GPU
+launch, and each launch is recorded instead of run; ``ptxas -v`` and the PTX give registers, spills
+and the width of every global load. The kernels are not named here: whatever the launchers launch
+is checked. """
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
+BENCH = ROOT / "benchmarks" / "analysis"  # the GPU-free analysis tools
 sys.path.insert(0, str(BENCH))
 
 import codegen_report  # noqa: E402  (the case list only: no kernel is imported here)

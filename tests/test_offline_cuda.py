@@ -1,4 +1,4 @@
-"""The host-side tools of ``benchmarks/offline_cuda.py``: the occupancy calculator against
+"""The host-side tools of ``benchmarks/analysis/offline_cuda.py``: the occupancy calculator against
 hand-computed cases, and the parsers of ``ptxas -v`` logs and PTX global accesses. Pure host
 arithmetic and text: no compilation, no GPU."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "analysis"))
 
 import offline_cuda as oc  # noqa: E402
 

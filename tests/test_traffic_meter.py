@@ -1,4 +1,4 @@
-"""The traffic meter (``benchmarks/traffic_meter.py``) counts exactly, on tiny hand-written
+"""The traffic meter (``benchmarks/analysis/traffic_meter.py``) counts exactly, on tiny hand-written
 kernels whose bytes are known, and facts that hold for any correct MaxFusion design hold for
 ``max_fuse`` (whatever its kernels are: the meter knows none of them)."""
 
@@ -15,7 +15,7 @@ from utils import make_features
 
 import maxfusion_kernels as mk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "analysis"))
 from traffic_meter import TrafficMeter, scale_sites  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

@@ -3,8 +3,8 @@
 Every builder is deterministic in its ``seed``; every forward takes milliseconds on a CPU. The
 SD 1.5-style builders the demo also uses (tokenizer, text encoder, UNet, ControlNet, VAE, the
 ControlNet pipeline) and :func:`make_condition_driven` live in the package,
-``maxfusion_hooks.offline_models``, and are re-exported here; this file adds the other families
-(ControlNet-Union, T2I-Adapter, SDXL, SD3, Flux), inputs, conditions and a raw model.
+``maxfusion_hooks.cli.demo.offline_models``, and are re-exported here; this file adds the other
+families (ControlNet-Union, T2I-Adapter, SDXL, SD3, Flux), inputs, conditions and a raw model.
 
 A ControlNet built from config ignores its condition (diffusers zero-initialises the last
 convolution of its conditioning embedding and its zero convolutions), so
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 # the SD 1.5-style builders and make_condition_driven live in the package (the demo uses them)
-from maxfusion_hooks.offline_models import (  # noqa: F401  (re-exported for the tests)
+from maxfusion_hooks.cli.demo.offline_models import (  # noqa: F401  (re-exported for the tests)
     CROSS_DIM,
     make_condition_driven,
     sd_controlnet_pipeline,

@@ -44,7 +44,7 @@ def tiny_flux_pipeline(device):
         FluxTransformer2DModel,
     )
 
-    from maxfusion_hooks.offline_models import make_condition_driven, tiny_vae
+    from maxfusion_hooks.cli.demo.offline_models import make_condition_driven, tiny_vae
 
     torch.manual_seed(0)  # the same weights on every rank
     transformer = FluxTransformer2DModel(**FLUX).eval()

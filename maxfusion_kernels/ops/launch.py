@@ -168,7 +168,7 @@ TABLES = _TableCache()
 # ----------------------------------------------------------------------------------------
 
 # Device types whose launches may skip Triton's argument binding after the first call of a
-# plan (see :meth:`_Kernel.launch`); benchmarks/host_overhead.py adds "cpu" under its fake
+# plan (see :meth:`_Kernel.launch`); benchmarks/analysis/host_overhead.py adds "cpu" under its fake
 # driver.
 DIRECT_DEVICE_TYPES = {"cuda"}
 

@@ -14,7 +14,7 @@ they are defined, CPU tensors)::
 
 Usage as a script (runs the cases of ``benchmarks/shapes.json``; see ``main``)::
 
-    python benchmarks/traffic_meter.py [--quick] [--label L] [--note TEXT] [--out PREFIX]
+    python benchmarks/analysis/traffic_meter.py [--quick] [--label L] [--note TEXT] [--out PREFIX]
 
 How it counts. For the duration of the ``with`` block the meter wraps, in
 ``triton.runtime.interpreter``, ``GridExecutor.__call__`` (one record per kernel launch: the
@@ -657,13 +657,13 @@ def markdown(records: list[dict], header: str) -> str:
 
 HEADER = """# Memory traffic of the MaxFusion kernels (Triton interpreter): {label}
 
-{note}Measured by `python benchmarks/traffic_meter.py {argv}` ({date}; torch {torch}, triton
-{triton}; kernels from `{kernels}`, checkout `{commit}`), {dtype}, inputs from
+{note}Measured by `python benchmarks/analysis/traffic_meter.py {argv}` ({date}; torch {torch},
+triton {triton}; kernels from `{kernels}`, checkout `{commit}`), {dtype}, inputs from
 `benchmarks/shapes.py:make_features` (half of the sites agree, half disagree).
 
 Bytes are counted per kernel launch from the interpreter's loads and stores (module docstring
-of `benchmarks/traffic_meter.py`). **min** = the N inputs read once + the outputs written once
-(1 output merged, N unmerged). **unique**: each address once per direction (loaded + stored);
+of `benchmarks/analysis/traffic_meter.py`). **min** = the N inputs read once + the outputs written
+once (1 output merged, N unmerged). **unique**: each address once per direction (loaded + stored);
 **sector**: distinct 32-byte sectors x 32, per direction; **loaded/stored**: bytes of unmasked
 lanes (re-reads count again). Call ratios count each address (sector) once per call, i.e. with
 perfect reuse between launches; **Σ launches sector/min** counts it once per launch (no reuse
@@ -714,8 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from datetime import datetime, timezone
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent
-    root = here.parent
+    bench = Path(__file__).resolve().parents[1]  # benchmarks: the shape table, results/
+    root = bench.parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="N = 2 and smaller shapes (under a minute on 2 cores)")
@@ -736,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the meter needs the Triton interpreter: unset TRITON_INTERPRET or set it "
                      "to 1")
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
-    for p in (str(here), str(root)):  # the shape table, and the kernels of this checkout
+    for p in (str(bench), str(root)):  # the shape table, and the kernels of this checkout
         if p not in sys.path:
             sys.path.insert(0, p)
     import torch
@@ -747,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     commit = _git_commit(root)
     label = args.label or commit
-    out = Path(args.out) if args.out else here / "results" / f"traffic-{label}"
+    out = Path(args.out) if args.out else bench / "results" / f"traffic-{label}"
     max_sites = args.max_sites or (QUICK_MAX_SITES if args.quick else MAX_SITES)
     max_elements = args.max_elements or (QUICK_MAX_ELEMENTS if args.quick else MAX_ELEMENTS)
     many_max = args.many_max_sites or (QUICK_MANY_MAX_SITES if args.quick else MANY_MAX_SITES)

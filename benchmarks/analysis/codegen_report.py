@@ -3,7 +3,8 @@ occupancy and global load/store widths of every kernel the package's launchers l
 
 Usage::
 
-    python benchmarks/codegen_report.py [--cases all|ci|NAME,...] [--archs 80,86,89,90,100,120]
+    python benchmarks/analysis/codegen_report.py [--cases all|ci|NAME,...]
+        [--archs 80,86,89,90,100,120]
                                         [--jobs 2] [--out STEM] [--note TEXT] [--quiet]
 
 Each case of :data:`CASES` (the one list to edit when the kernels change) calls the public
@@ -38,7 +39,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # benchmarks/analysis
+BENCH = HERE.parent  # benchmarks: the shape table, results/
+sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(HERE))
 
 SD15 = "sd15_controlnet_512"
@@ -361,7 +364,8 @@ def render_markdown(data: dict) -> str:
         f"Generated {data['date']} by `{data['command']}` at commit `{data['commit']}`"
         f"{' (with uncommitted changes)' if data['dirty'] else ''}; torch {data['torch']}. "
         "No GPU: each case calls the public function on CPU tensors under a fake Triton "
-        "CUDA driver (`benchmarks/offline_cuda.py`), so the package's launcher, Triton's binder "
+        "CUDA driver (`benchmarks/analysis/offline_cuda.py`), so the package's launcher, "
+        "Triton's binder "
         "(16-byte alignment, divisibility by 16, `== 1`) and compiler run as for a GPU launch; "
         "the launch is recorded instead of run.",
         "",
@@ -460,7 +464,7 @@ def _command(argv: list[str]) -> str:
             skip = True
         else:
             out.append("--note TEXT" if a.startswith("--note=") else a)
-    return " ".join(["python benchmarks/codegen_report.py", *out])
+    return " ".join(["python benchmarks/analysis/codegen_report.py", *out])
 
 
 def main(argv=None) -> int:
@@ -511,7 +515,7 @@ def main(argv=None) -> int:
     }
     order = {n: i for i, n in enumerate(names)}
     data["rows"].sort(key=lambda r: (order[r["case"]], r["launch"], archs.index(r["arch"])))
-    stem = Path(args.out) if args.out else HERE / "results" / f"codegen-triton{triton.__version__}"
+    stem = Path(args.out) if args.out else BENCH / "results" / f"codegen-triton{triton.__version__}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     md = render_markdown(data)
     Path(f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")

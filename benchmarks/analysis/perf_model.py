@@ -3,7 +3,7 @@ measurements.
 
 Usage::
 
-    python benchmarks/perf_model.py [--out benchmarks/results/perf-model]
+    python benchmarks/analysis/perf_model.py [--out benchmarks/results/perf-model]
 
 Inputs, all produced without a GPU and committed under ``benchmarks/results/``:
 
@@ -48,9 +48,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+HERE = Path(__file__).resolve().parent  # benchmarks/analysis
+BENCH = HERE.parent  # benchmarks: the shape table, results/
+ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(HERE))
 
 from maxfusion_kernels.ops import plan as P  # noqa: E402
@@ -311,11 +313,11 @@ def markdown(res: dict) -> str:
     lines = [
         "# Performance MODEL of the MaxFusion kernels (predictions, not measurements)",
         "",
-        "Written by `python benchmarks/perf_model.py` from the traffic meter's bytes "
+        "Written by `python benchmarks/analysis/perf_model.py` from the traffic meter's bytes "
         "(`traffic-three-pass.json`, `traffic-before-redesign.json`), the work split "
         "(`maxfusion_kernels/ops/plan.py`) and the codegen report's registers and resident "
         "programs (sm_90, sm_89). No GPU was used. The model and every assumption: the "
-        "module docstring of `benchmarks/perf_model.py`. float16 inputs.",
+        "module docstring of `benchmarks/analysis/perf_model.py`. float16 inputs.",
         "",
         "GPU assumptions: " + "; ".join(
             f"{g['name']}: {g['sms']} SMs, {g['dram_bw'] / 1e12:.2f} TB/s peak x "
@@ -342,8 +344,8 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", default=str(HERE / "results"))
-    ap.add_argument("--out", default=str(HERE / "results" / "perf-model"))
+    ap.add_argument("--results", default=str(BENCH / "results"))
+    ap.add_argument("--out", default=str(BENCH / "results" / "perf-model"))
     args = ap.parse_args(argv)
     res = model(Path(args.results))
     md = markdown(res)

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/host_overhead.py [--calls 400] [--warmup 30] [--arch 90] [--json PATH|-]
+    python benchmarks/analysis/host_overhead.py [--calls 400] [--warmup 30] [--arch 90]
+        [--json PATH|-]
                                        [--profile]
 
 Each scenario calls the public function on CPU tensors under ``offline_cuda(arch, keep=False)``
@@ -51,7 +52,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # benchmarks/analysis
+sys.path.insert(0, str(HERE.parent))  # the shape table
 sys.path.insert(0, str(HERE))
 
 TARGET_US = {"max_fuse": 100.0, "max_fuse_many": 150.0}

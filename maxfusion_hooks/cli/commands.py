@@ -1,4 +1,4 @@
-"""The ``maxfusion`` command (also ``python -m maxfusion_hooks``).
+"""The ``maxfusion`` command (also ``python -m maxfusion_hooks``): its parser and its commands.
 
 * ``maxfusion demo``: run MaxFusion on two ControlNets (offline models by default, or yours with
   ``--base``, ``--controlnet``, ``--image``) and write a figure of which condition won where.
@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 PROG = "maxfusion"
-BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
 
 
 class _Parser(argparse.ArgumentParser):
