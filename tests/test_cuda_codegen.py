@@ -9,7 +9,8 @@ rejects): every case of its reduced list (``Case.ci``) calls the public ``max_fu
 (16-byte alignment, divisibility by 16, ``== 1``) and its compiler work exactly as for a GPU
 launch, and each launch is recorded instead of run; ``ptxas -v`` and the PTX give registers, spills
 and the width of every global load. The kernels are not named here: whatever the launchers launch
-is checked. """
+is checked.
+"""
 
 from __future__ import annotations
 
