@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -240,22 +241,34 @@ class MaxFusionHandle:
             rec.step += 1
 
     def _patch_forward(self, module: nn.Module, forward: Callable) -> None:
-        if "forward" in module.__dict__:
+        """Set ``forward`` as the module's forward: on the instance, or, under an accelerate
+        hook (``enable_model_cpu_offload`` and friends wrap the instance's forward and call
+        ``module._old_forward`` at every call), as the ``_old_forward`` the hook calls, so the
+        hook keeps moving the module and its inputs to the execution device."""
+        d = module.__dict__
+        if "forward" not in d or _is_class_forward(module, d["forward"]):
+            slot = "forward"  # (an accelerate hook removed leaves the class forward bound here)
+        elif "_hf_hook" in d and _is_class_forward(module, d.get("_old_forward")):
+            slot = "_old_forward"
+        else:
             raise RuntimeError(
                 f"{type(module).__name__} already has a forward set on the instance (another "
-                "patch, e.g. accelerate's offload hooks); maxfusion_hooks.apply needs the "
-                "class forward, so apply it before such hooks or remove them first"
+                "patch than accelerate's hooks, or a hook over such a patch); "
+                "maxfusion_hooks.apply needs the class forward, so apply it before that patch "
+                "or remove the patch first"
             )
-        module.forward = forward
+        setattr(module, slot, forward)
 
         def undo():
-            current = module.__dict__.get("forward")
-            if current is forward:
-                del module.__dict__["forward"]
-            elif current is not None:
+            if d.get("forward") is forward:
+                del d["forward"]
+            elif d.get("_old_forward") is forward:  # an accelerate hook came on top: keep it
+                d["_old_forward"] = types.MethodType(type(module).forward, module)
+            elif "forward" in d and not _is_class_forward(module, d["forward"]):
                 raise RuntimeError(
-                    f"the forward of {type(module).__name__} was replaced after apply() (e.g. "
-                    "by accelerate's offload hooks); remove that patch first, then this one"
+                    f"the forward of {type(module).__name__} was replaced after apply() by a "
+                    "patch that does not call it through _old_forward as accelerate's hooks do; "
+                    "remove that patch first, then this one"
                 )
 
         self._undo.append(undo)
@@ -283,6 +296,12 @@ class MaxFusionHandle:
 _MASKS_SHARDED = (
     "regional masks are not supported with process_group: each rank would need the masks at "
     "its own share of the tokens; use max_fuse(..., masks=..., process_group=...) directly")
+
+
+def _is_class_forward(module: nn.Module, f: Any) -> bool:
+    """Whether ``f`` is the module's class forward bound to the module itself."""
+    return (getattr(f, "__self__", None) is module
+            and getattr(f, "__func__", None) is type(module).forward)
 
 
 def _bind_call(model: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:
@@ -468,7 +487,9 @@ def apply(
 
 
 def _combiner_forward(handle: MaxFusionHandle, handler: CombinerHandler, combiner: nn.Module):
-    original = combiner.forward  # the class forward, bound to the instance
+    # the class forward, bound to the instance (combiner.forward may be an accelerate hook's
+    # wrapper, which calls the patched forward)
+    original = types.MethodType(type(combiner).forward, combiner)
     signature = inspect.signature(original)
 
     def forward(*args, **kwargs):

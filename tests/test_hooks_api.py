@@ -406,8 +406,12 @@ def test_apply_refuses_a_combiner_whose_forward_is_patched_on_the_instance():
     from tiny_models import tiny_adapter
 
     multi = MultiAdapter([tiny_adapter(0), tiny_adapter(1)])
-    theirs = multi.forward
-    multi.forward = theirs  # an instance-level forward, as accelerate's hooks leave
+    klass = type(multi).forward
+
+    def theirs(*a, **k):  # an instance-level wrapper that is not accelerate's hook
+        return klass(multi, *a, **k)
+
+    multi.forward = theirs
     with pytest.raises(RuntimeError, match="already has a forward set on the instance"):
         mh.apply(multi, level="block", **TORCH)
     assert multi.__dict__["forward"] is theirs

@@ -333,3 +333,137 @@ def single_thread_fixture():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ============================================================================================
+# issue 17, pipelines of the supported combiners: AnimateDiff ControlNet, PAG ControlNet
+# (SD, SDXL), SD / SDXL img2img and inpaint, SDXL ControlNet-Union inpaint
+# ============================================================================================
+
+
+def tiny_motion_adapter(seed: int = 0):
+    """A ``MotionAdapter`` matching :func:`tiny_unet` (one motion layer per block, 2 heads)."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    return MotionAdapter(
+        block_out_channels=(8, 16), motion_layers_per_block=1, motion_num_attention_heads=2,
+        motion_norm_num_groups=4, motion_max_seq_length=8,
+    ).eval()
+
+
+def animatediff_controlnet_pipeline(n: int = 2, seed: int = 0):
+    """``AnimateDiffControlNetPipeline``: :func:`tiny_unet` made a ``UNetMotionModel`` with
+    :func:`tiny_motion_adapter`, ``n`` condition-driven ControlNets (frames in the batch)."""
+    from diffusers import AnimateDiffControlNetPipeline, DDIMScheduler
+
+    pipe = AnimateDiffControlNetPipeline(
+        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed), tokenizer=tiny_tokenizer(),
+        unet=tiny_unet(seed), motion_adapter=tiny_motion_adapter(seed),
+        controlnet=[tiny_controlnet(seed + 1 + k) for k in range(n)],
+        scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_inpaint_unet(seed: int = 0, *, sdxl: bool = False):
+    """:func:`tiny_unet` with 9 input channels (latents, mask, masked-image latents): what the
+    inpaint pipelines run on an inpainting checkpoint."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    cfg = {**unet_config(sdxl), "in_channels": 9}
+    return UNet2DConditionModel(
+        sample_size=16, out_channels=4, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **cfg,
+    ).eval()
+
+
+def _sd_parts(seed: int) -> dict:
+    return dict(vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed),
+                tokenizer=tiny_tokenizer(), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+
+
+def _sdxl_parts(seed: int) -> dict:
+    return dict(vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed),
+                text_encoder_2=tiny_text_encoder(seed + 1, with_projection=True),
+                tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
+
+
+def _euler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear")
+
+
+def sd_controlnet_variant(kind: str, n: int = 2, seed: int = 0):
+    """An SD 1.5-style ControlNet pipeline with ``n`` condition-driven ControlNets: ``kind``
+    ``"img2img"``, ``"inpaint"`` (a 9-channel inpainting UNet) or ``"pag"`` (PAG on the mid
+    block's attention)."""
+    import diffusers as d
+
+    nets = [tiny_controlnet(seed + 1 + k) for k in range(n)]
+    parts = dict(**_sd_parts(seed), controlnet=nets, scheduler=d.DDIMScheduler())
+    if kind == "img2img":
+        pipe = d.StableDiffusionControlNetImg2ImgPipeline(unet=tiny_unet(seed), **parts)
+    elif kind == "inpaint":
+        pipe = d.StableDiffusionControlNetInpaintPipeline(unet=tiny_inpaint_unet(seed), **parts)
+    elif kind == "pag":
+        pipe = d.StableDiffusionControlNetPAGPipeline(unet=tiny_unet(seed), **parts,
+                                                      pag_applied_layers=["mid"])
+    else:
+        raise ValueError(f"kind must be img2img, inpaint or pag, got {kind!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_controlnet_variant(kind: str, n: int = 2, seed: int = 0):
+    """An SDXL-style ControlNet pipeline with ``n`` condition-driven ControlNets: ``kind``
+    ``"img2img"``, ``"inpaint"`` (a 9-channel inpainting UNet) or ``"pag"``."""
+    import diffusers as d
+
+    nets = [tiny_controlnet(seed + 1 + k, sdxl=True) for k in range(n)]
+    parts = dict(**_sdxl_parts(seed), controlnet=nets, scheduler=_euler())
+    if kind == "img2img":
+        pipe = d.StableDiffusionXLControlNetImg2ImgPipeline(unet=tiny_unet(seed, sdxl=True),
+                                                            **parts)
+    elif kind == "inpaint":
+        pipe = d.StableDiffusionXLControlNetInpaintPipeline(
+            unet=tiny_inpaint_unet(seed, sdxl=True), **parts)
+    elif kind == "pag":
+        pipe = d.StableDiffusionXLControlNetPAGPipeline(unet=tiny_unet(seed, sdxl=True), **parts,
+                                                        pag_applied_layers=["mid"])
+    else:
+        raise ValueError(f"kind must be img2img, inpaint or pag, got {kind!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_union_controlnet_xl(seed: int = 0, *, driven: bool = True):
+    """A ControlNet-Union (2 control types) matching the SDXL :func:`tiny_unet` (text-time
+    embedding), for the SDXL ControlNet-Union pipelines."""
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed)
+    net = ControlNetUnionModel(
+        conditioning_embedding_out_channels=(8, 16), num_control_type=2, num_trans_channel=8,
+        num_trans_head=2, num_trans_layer=1, num_proj_channel=8, **unet_config(True),
+    ).eval()
+    return make_condition_driven(net, seed + 1000) if driven else net
+
+
+def sdxl_union_inpaint_pipeline(n: int = 2, seed: int = 0):
+    """``StableDiffusionXLControlNetUnionInpaintPipeline`` with ``n`` ControlNet-Union nets
+    (``MultiControlNetUnionModel``); the pipeline takes a 4-channel UNet only (diffusers 0.42
+    raises for 9: the Union nets do the inpainting, as ControlNet-Union ProMax)."""
+    from diffusers import StableDiffusionXLControlNetUnionInpaintPipeline
+
+    pipe = StableDiffusionXLControlNetUnionInpaintPipeline(
+        **_sdxl_parts(seed), unet=tiny_unet(seed, sdxl=True),
+        controlnet=[tiny_union_controlnet_xl(seed + 1 + k) for k in range(n)],
+        scheduler=_euler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
