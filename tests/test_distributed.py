@@ -1,4 +1,4 @@
-"""Sharded sites (SPEC.md, "Sharded sites"): ``max_fuse`` / ``max_fuse_many`` with a
+"""Sharded sites (docs/spec.md, "Sharded sites"): ``max_fuse`` / ``max_fuse_many`` with a
 ``process_group`` whose ranks each hold a contiguous share of the sites.
 
 Every test spawns 2 or 4 CPU processes joined by gloo on loopback (``dist_harness.run_ranks``:

@@ -1,4 +1,4 @@
-"""Regional masks in the kernels (SPEC.md, "Regional masks"): per-site weights applied with the
+"""Regional masks in the kernels (docs/spec.md, masks): per-site weights applied with the
 weights, ``f_i(p) <- alpha_i * m_i(p) * f_i(p)``; a 0 removes input i at site p.
 
 Against the float64 reference on both backends, N = 2, 3, 4, soft and hard masks; exact
