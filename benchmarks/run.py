@@ -1,5 +1,8 @@
 """Time MaxFusion against its baselines on every case of the shape table; write JSON records.
 
+One file (over 400 lines) because it is one command-line run: options, the timing loop over the
+shape table, the tables and the records (the timing itself is ``harness.py``).
+
 Usage::
 
     python benchmarks/run.py [--device cuda|cpu] [--quick] [--cases A,B] [--n-inputs 2,3,4]

@@ -1,4 +1,8 @@
-"""``apply``: patch a pipeline, a combiner or a list of control models; the handle undoes it."""
+"""``apply``: patch a pipeline, a combiner or a list of control models; the handle undoes it.
+
+One file (over 400 lines) because ``apply`` and the handle it returns patch and undo the same
+objects, and are read together.
+"""
 
 from __future__ import annotations
 

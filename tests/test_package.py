@@ -38,3 +38,16 @@ def test_the_license_is_the_apache_2_text_pyproject_names():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_a_python_file_over_400_lines_says_why_it_is_one_file():
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if {".git", ".venv", "build", "dist"} & set(rel.parts):
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if len(lines) > 400 and not any(ln.startswith("One file (over 400 lines) because")
+                                        for ln in lines[:12]):
+            long.append(f"{rel} ({len(lines)} lines)")
+    assert not long, f"split these or say at the top of the docstring why not: {long}"
