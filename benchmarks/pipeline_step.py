@@ -86,7 +86,7 @@ def step(unet, multi, sample, text, conds):
 @contextmanager
 def reference_ops():
     """Route the hook layer's fusions through the float32 eager reference (the authors'
-    algorithm as SPEC.md's executable form) instead of the kernels."""
+    algorithm as docs/spec.md's executable form) instead of the kernels."""
     from maxfusion_hooks import _fusion
     from maxfusion_kernels import reference
 

@@ -1,5 +1,8 @@
 """Time MaxFusion against its baselines on every case of the shape table; write JSON records.
 
+One file (over 400 lines) because it is one command-line run: options, the timing loop over the
+shape table, the tables and the records (the timing itself is ``harness.py``).
+
 Usage::
 
     python benchmarks/run.py [--device cuda|cpu] [--quick] [--cases A,B] [--n-inputs 2,3,4]
@@ -17,9 +20,11 @@ SD1.5's) is timed once and its records name the case it was measured in.
 
 Output: a table per case on stdout, the pass/miss line of each H100 target for a CUDA run, and
 a JSON list of records (one per case, scope, shape, N, dtype and method) in ``--out``, by
-default ``benchmarks/results/<device-name-slug>[-quick].json``. Timing method, byte counting
-and memory measurement: ``harness.py`` and docs/performance.md. ``--from-json`` prints the
-tables and target lines of a saved run again (``--markdown``: tables as Markdown).
+default ``benchmarks/results/<device-name-slug>.json`` (committed data), and for ``--quick``
+``<temp dir>/maxfusion-bench-<device-name-slug>-quick.json`` (never in the checkout). Timing
+method, byte counting and memory measurement: ``harness.py`` and docs/performance.md.
+``--from-json`` prints the tables and target lines of a saved run again (``--markdown``:
+tables as Markdown).
 
 ``--quick``: on CPU, shapes shrunk to at most 2**18 elements per input (``harness.shrink``),
 N in {2, 3}, float32, at least 3 calls and 0.05 s of calls per method, and ``torch.compile`` of
@@ -34,6 +39,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -381,7 +387,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU: torch.set_num_threads (default: torch's default)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON file (default benchmarks/results/<device-name-slug>[-quick].json)")
+                    help="JSON file (default benchmarks/results/<device-name-slug>.json; "
+                         "--quick: <temp dir>/maxfusion-bench-<device-name-slug>-quick.json)")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="print the tables and target lines of a saved run (filtered by "
                          "--cases, --n-inputs, --dtypes) and exit")
@@ -516,8 +523,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("targets: not evaluated (they are for an H100; this is a CPU run of the torch "
               "path)")
 
-    suffix = "-quick" if args.quick else ""
-    out = args.out or HERE / "results" / f"{H.slug(dev_name)}{suffix}.json"
+    quick_out = Path(tempfile.gettempdir()) / f"maxfusion-bench-{H.slug(dev_name)}-quick.json"
+    out = args.out or (quick_out if args.quick else HERE / "results" / f"{H.slug(dev_name)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in records:
         r["loadavg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

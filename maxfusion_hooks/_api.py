@@ -1,4 +1,8 @@
-"""``apply``: patch a pipeline, a combiner or a list of control models; the handle undoes it."""
+"""``apply``: patch a pipeline, a combiner or a list of control models; the handle undoes it.
+
+One file (over 400 lines) because ``apply`` and the handle it returns patch and undo the same
+objects, and are read together.
+"""
 
 from __future__ import annotations
 
@@ -369,7 +373,7 @@ def apply(
             image; the batch of the features must be a multiple of B, e.g. the two halves of
             classifier-free guidance get the same masks). Each is resized to the grid of every
             fusion with an area average (for SD3 / Flux to the token grid) and acts as a
-            per-site weight of its model's features (SPEC.md, "Regional masks"): 0 removes the
+            per-site weight of its model's features (docs/spec.md): 0 removes the
             model there. At block level the fusions inside the nets take the masks as removal
             only (1 wherever the resized mask is > 0) and the final merge as weights. Change
             them later with ``handle.set_masks``.

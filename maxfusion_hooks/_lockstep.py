@@ -1,5 +1,8 @@
 """Block level: N control models run in lockstep, their hidden states fused at module boundaries.
 
+One file (over 400 lines) because the greenlet scheduler, the hooks that switch into it and its
+fault handling share state that must change together.
+
 Each model's forward runs in its own greenlet. A forward hook (or pre-hook) at a fusion point
 switches to the scheduler with its tensors; when all N models have arrived at the same point,
 the scheduler fuses (unmerge) and resumes each model with its own fused stream. Nothing of the

@@ -1,7 +1,7 @@
 """maxfusion_kernels: fused Triton kernels for MaxFusion (ECCV 2024).
 
 ``max_fuse(features, ...)`` fuses N same-shape feature maps of N control models: average where
-they agree, keep the most expressive input where they do not (SPEC.md). Importing this package
+they agree, keep the most expressive input where they do not (docs/spec.md). Importing this package
 initialises no CUDA context and imports no diffusers.
 """
 

@@ -1,5 +1,5 @@
 """Sharded sites: MaxFusion when the sites of every sample are split across the ranks of a
-``torch.distributed`` process group (SPEC.md, "Sharded sites").
+``torch.distributed`` process group (docs/spec.md, "Sharded sites").
 
 A diffusion transformer run with context (sequence) parallelism holds a contiguous share of
 the tokens of every sample on each rank, with the whole batch and all channels. Everything

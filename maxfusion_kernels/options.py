@@ -24,7 +24,7 @@ NORMALIZERS = ("sample", "batch")
 BACKENDS = ("auto", "triton", "torch")
 
 PRESETS: dict[str, tuple[str, str, str]] = {
-    # the formulas as printed in the paper (and the project's design card)
+    # the formulas as printed in the paper
     "paper": ("cosine", "std", "sample"),
     # the authors' released code
     "reference": ("pearson", "variance", "batch"),
@@ -35,7 +35,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class FuseOptions:
-    """Resolved options of one fusion (see SPEC.md)."""
+    """Resolved options of one fusion (see docs/spec.md)."""
 
     threshold: float
     unmerge: bool
@@ -310,7 +310,7 @@ class FuseInfo:
     """What a fusion decided, per site (``return_info=True``).
 
     ``winner``: int64 tensor ``[B, *sites]``, the index of the winning input at each site.
-    ``members``: bool tensor ``[N, B, *sites]``, the group ``G`` of SPEC.md (inputs averaged
+    ``members``: bool tensor ``[N, B, *sites]``, the group ``G`` of docs/spec.md (inputs averaged
     into the merged output; includes the winner, except at a site where every input is
     removed by a weight or mask of 0: no member there).
     """

@@ -1,4 +1,4 @@
-"""The executable specification: every formula of SPEC.md in plain PyTorch.
+"""The executable specification: every formula of docs/spec.md in plain PyTorch.
 
 Short and readable on purpose; it is what the tests and benchmarks compare against. It computes
 in ``dtype`` (float64 by default) and returns tensors of that dtype. It is not fast and stacks
@@ -30,7 +30,7 @@ def max_fuse(
     return_info: bool = False,
     dtype: torch.dtype = torch.float64,
 ):
-    """MaxFusion of N same-shape feature tensors, written straight from SPEC.md.
+    """MaxFusion of N same-shape feature tensors, written straight from docs/spec.md.
 
     Same arguments and results as :func:`maxfusion_kernels.max_fuse`, except that everything is
     computed in ``dtype`` and the results have that dtype.
@@ -76,7 +76,7 @@ def max_fuse(
 
 @dataclass
 class SiteStatistics:
-    """Per-site statistics of SPEC.md, sites indexed ``[B, *sites]`` (channels reduced)."""
+    """Per-site statistics of docs/spec.md, sites indexed ``[B, *sites]`` (channels reduced)."""
 
     var: torch.Tensor  # [N, B, *sites] unbiased variance over the channels
     std: torch.Tensor  # [N, B, *sites]

@@ -1,12 +1,12 @@
 """Parity of the ``reference`` preset (N = 2) with the authors' released formulation.
 
-SPEC.md says the ``reference`` preset "reproduces the authors' released functions to float
+docs/spec.md says the ``reference`` preset "reproduces the authors' released functions to float
 rounding". ``authors_fuse`` below is an independent re-statement of that formulation in plain
 torch (it deliberately shares no code with maxfusion): Pearson correlation across channels,
 unbiased variance per pixel, each variance map divided by its total over every pixel of the
 whole batch, average where correlation > threshold, else the input with the larger normalised
 variance (input 1 on ties). The only deliberate departure from the authors' code is that zero
-denominators give 0 instead of NaN, which is what SPEC.md asks of us.
+denominators give 0 instead of NaN, which is what docs/spec.md asks of us.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def test_parity_is_sensitive_to_the_formulation():
 @pytest.mark.parametrize("b", [1, 2])
 def test_all_zero_second_input_gives_first(backend, dtype, b):
     # an all-zero f2 (a ControlNet with conditioning scale 0): its variance total is 0 and its
-    # correlation denominators are 0. The authors' code divides by them (NaN); SPEC.md wants
+    # correlation denominators are 0. The authors' code divides by them (NaN); docs/spec.md wants
     # saliency 0 and correlation 0, so f1 wins everywhere and the output is exactly f1.
     f1, _ = make_pair(3, b, 4, 6, 5, dtype=dtype)
     f2 = torch.zeros_like(f1)
@@ -250,7 +250,7 @@ def test_all_zero_second_input_gives_first(backend, dtype, b):
 @pytest.mark.skipif("triton" not in _backends(), reason="needs the Triton kernels")
 def test_triton_float64_winner_is_copied_exactly():
     # a winner-branch site outputs the winner's vector unchanged ("outputs have the input
-    # dtype", SPEC.md): the kernels carry float64 values in float64, not through float32.
+    # dtype", docs/spec.md): the kernels carry float64 values in float64, not through float32.
     f1, _ = make_pair(3, 1, 4, 6, 5)
     f2 = torch.zeros_like(f1)
     got = maxfusion_kernels.max_fuse([f1, f2], preset="reference", backend="triton")

@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -104,11 +105,16 @@ def test_demo_cli_end_to_end(tmp_path, capsys):
         assert im.format == "PNG"
 
 
+def _grey(image: Image.Image) -> torch.Tensor:
+    """The image's grey values as an [H, W] tensor (np.asarray: no deprecated Pillow API)."""
+    return torch.from_numpy(np.asarray(image.convert("L")).copy())
+
+
 def test_synthetic_conditions_conflict_by_halves():
     (n0, depth), (n1, edges) = synthetic_conditions(64)
     assert (n0, n1) == ("depth", "edges")
-    d = torch.tensor(list(depth.convert("L").getdata())).reshape(64, 64)
-    e = torch.tensor(list(edges.convert("L").getdata())).reshape(64, 64)
+    d = _grey(depth)
+    e = _grey(edges)
     assert (d[:, :32] > 0).all() and (d[:, 32:] == 0).all()  # depth: all of the left half
     assert (e[:, :32] == 0).all() and (e[:, 32:] > 0).any()  # edges: lines on the right
 
@@ -159,8 +165,8 @@ def test_region_masks_partition_the_image():
     assert torch.allclose(sum(three), torch.ones(32, 60))
     assert all(float(m[0, c]) == 1.0 for m, c in zip(three, (5, 30, 55)))
     (_, depth), (_, edges) = synthetic_conditions(64, overlap=True)
-    assert (torch.tensor(list(depth.convert("L").getdata())) > 0).all()  # the whole image
-    e = torch.tensor(list(edges.convert("L").getdata())).reshape(64, 64)
+    assert (_grey(depth) > 0).all()  # the whole image
+    e = _grey(edges)
     assert (e[:, :32] > 0).any() and (e[:, 32:] > 0).any()
 
 

@@ -1,5 +1,8 @@
-"""Sharded sites (SPEC.md, "Sharded sites"): ``max_fuse`` / ``max_fuse_many`` with a
+"""Sharded sites (docs/spec.md, "Sharded sites"): ``max_fuse`` / ``max_fuse_many`` with a
 ``process_group`` whose ranks each hold a contiguous share of the sites.
+
+One file (over 400 lines) because every test runs its ranks through the same worker helpers at
+the top, which spawned processes import by module.
 
 Every test spawns 2 or 4 CPU processes joined by gloo on loopback (``dist_harness.run_ranks``:
 a free port on 127.0.0.1, a hard timeout that kills stragglers). Each rank builds the same
@@ -26,6 +29,16 @@ TIMEOUT = 50  # seconds per spawned run, a hard limit (the runs take 5-20 s)
 # --------------------------------------------------------------------------------------------
 # helpers run inside the workers
 # --------------------------------------------------------------------------------------------
+
+
+def _option_grid(channel_dim: int):
+    """The options every sharded comparison runs with: both backends, merge and unmerge, both
+    normalisers."""
+    for backend in ("torch", "triton"):
+        for unmerge in (False, True):
+            for normalize in ("sample", "batch"):
+                yield dict(unmerge=unmerge, normalize=normalize, backend=backend,
+                           channel_dim=channel_dim)
 
 
 def _features(shape, n, cd, seed):
@@ -116,37 +129,34 @@ def _kernels_worker(rank, world):
         n = 2 if ci == 0 else 3
         feats = _features(shape, n, cd, seed=10 + ci)
         local_feats = [_cut(f, dim, splits, rank) for f in feats]
-        for backend in ("torch", "triton"):
-            for unmerge in (False, True):
-                for normalize in ("sample", "batch"):
-                    opts = dict(unmerge=unmerge, normalize=normalize, backend=backend,
-                                channel_dim=cd)
-                    what = f"case {ci} {backend} unmerge={unmerge} {normalize}"
-                    keep = _site_mask(feats, cd, normalize=normalize)
-                    full, full_info = mk.max_fuse(feats, return_info=True, **opts)
-                    calls.clear()
-                    local, info = mk.max_fuse(local_feats, return_info=True,
-                                              process_group=group, **opts)
-                    assert len(calls) <= 2, f"{what}: {len(calls)} collectives"
-                    report["ties"] += _compare(local, full, info, full_info, keep, dim, splits,
-                                               rank, cd, unmerge, what)
-                    # the same call again (the eager fast path on the Triton backend): one
-                    # collective, the consistency check is not repeated, same bits
-                    calls.clear()
-                    again, info2 = mk.max_fuse(local_feats, return_info=True,
-                                               process_group=group, **opts)
-                    assert len(calls) == 1 and calls[0][0] == torch.float32, (what, calls)
-                    rows = 1 if normalize == "batch" else shape[0]
-                    assert calls[0][1] == n * rows, (what, calls)  # 4 * N * rows bytes
-                    for a, b in zip(again if unmerge else [again], local if unmerge else [local]):
-                        assert torch.equal(a, b), f"{what}: not deterministic"
-                    assert torch.equal(info2.winner, info.winner)
-                    # the premise: without the group, a shard's own normaliser changes
-                    # decisions (counted over all ranks by the test)
-                    alone, info_alone = mk.max_fuse(local_feats, return_info=True, **opts)
-                    w_full = _cut(full_info.winner, _site_dim(dim, cd, len(shape)), splits,
-                                  rank)
-                    report["local_alone_differs"] += int((info_alone.winner != w_full).sum())
+        for opts in _option_grid(cd):
+            backend, unmerge, normalize = opts["backend"], opts["unmerge"], opts["normalize"]
+            what = f"case {ci} {backend} unmerge={unmerge} {normalize}"
+            keep = _site_mask(feats, cd, normalize=normalize)
+            full, full_info = mk.max_fuse(feats, return_info=True, **opts)
+            calls.clear()
+            local, info = mk.max_fuse(local_feats, return_info=True,
+                                      process_group=group, **opts)
+            assert len(calls) <= 2, f"{what}: {len(calls)} collectives"
+            report["ties"] += _compare(local, full, info, full_info, keep, dim, splits,
+                                       rank, cd, unmerge, what)
+            # the same call again (the eager fast path on the Triton backend): one
+            # collective, the consistency check is not repeated, same bits
+            calls.clear()
+            again, info2 = mk.max_fuse(local_feats, return_info=True,
+                                       process_group=group, **opts)
+            assert len(calls) == 1 and calls[0][0] == torch.float32, (what, calls)
+            rows = 1 if normalize == "batch" else shape[0]
+            assert calls[0][1] == n * rows, (what, calls)  # 4 * N * rows bytes
+            for a, b in zip(again if unmerge else [again], local if unmerge else [local]):
+                assert torch.equal(a, b), f"{what}: not deterministic"
+            assert torch.equal(info2.winner, info.winner)
+            # the premise: without the group, a shard's own normaliser changes
+            # decisions (counted over all ranks by the test)
+            alone, info_alone = mk.max_fuse(local_feats, return_info=True, **opts)
+            w_full = _cut(full_info.winner, _site_dim(dim, cd, len(shape)), splits,
+                          rank)
+            report["local_alone_differs"] += int((info_alone.winner != w_full).sum())
     dist.all_reduce = real_all_reduce
     return report
 
@@ -176,22 +186,19 @@ def _many_worker(rank, world):
 
     dist.all_reduce = counting_all_reduce
     ties = 0
-    for backend in ("torch", "triton"):
-        for unmerge in (False, True):
-            for normalize in ("sample", "batch"):
-                opts = dict(unmerge=unmerge, normalize=normalize, backend=backend,
-                            channel_dim=-1)
-                full, full_infos = mk.max_fuse_many(groups, return_info=True, **opts)
-                calls.clear()
-                res, infos = mk.max_fuse_many(local, return_info=True, process_group=group,
-                                              **opts)
-                rows = [1 if normalize == "batch" else s[0] for s, _ in specs]
-                assert calls[-1] == 2 * sum(rows), calls  # one all-reduce: every group
-                for k, (_, sh) in enumerate(specs):
-                    keep = _site_mask(groups[k], -1, normalize=normalize)
-                    ties += _compare(res[k], full[k], infos[k], full_infos[k], keep, 1,
-                                     sh[world], rank, -1, unmerge,
-                                     f"group {k} {backend} {unmerge} {normalize}")
+    for opts in _option_grid(-1):
+        backend, unmerge, normalize = opts["backend"], opts["unmerge"], opts["normalize"]
+        full, full_infos = mk.max_fuse_many(groups, return_info=True, **opts)
+        calls.clear()
+        res, infos = mk.max_fuse_many(local, return_info=True, process_group=group,
+                                      **opts)
+        rows = [1 if normalize == "batch" else s[0] for s, _ in specs]
+        assert calls[-1] == 2 * sum(rows), calls  # one all-reduce: every group
+        for k, (_, sh) in enumerate(specs):
+            keep = _site_mask(groups[k], -1, normalize=normalize)
+            ties += _compare(res[k], full[k], infos[k], full_infos[k], keep, 1,
+                             sh[world], rank, -1, unmerge,
+                             f"group {k} {backend} {unmerge} {normalize}")
     dist.all_reduce = real_all_reduce
     # regional masks are per site: each rank passes its share of them
     masks = [make_masks(g[0].shape, 2, kind="mixed", channel_dim=-1, seed=40 + k)
@@ -225,18 +232,15 @@ def _zeros_worker(rank, world):
     for f in feats:  # rank 1's whole shard is zeros in every input
         f[:, start:start + splits[1]] = 0.0
     local = [_cut(f, 1, splits, rank) for f in feats]
-    for backend in ("torch", "triton"):
-        for unmerge in (False, True):
-            for normalize in ("sample", "batch"):
-                opts = dict(unmerge=unmerge, normalize=normalize, backend=backend,
-                            channel_dim=-1)
-                full, full_info = mk.max_fuse(feats, return_info=True, **opts)
-                res, info = mk.max_fuse(local, return_info=True, process_group=group, **opts)
-                for o in (res if unmerge else [res]):
-                    assert not bool(torch.isnan(o).any()), (backend, unmerge, normalize)
-                keep = _site_mask(feats, -1, normalize=normalize)
-                _compare(res, full, info, full_info, keep, 1, splits, rank, -1, unmerge,
-                         f"zeros {backend} {unmerge} {normalize}")
+    for opts in _option_grid(-1):
+        backend, unmerge, normalize = opts["backend"], opts["unmerge"], opts["normalize"]
+        full, full_info = mk.max_fuse(feats, return_info=True, **opts)
+        res, info = mk.max_fuse(local, return_info=True, process_group=group, **opts)
+        for o in (res if unmerge else [res]):
+            assert not bool(torch.isnan(o).any()), (backend, unmerge, normalize)
+        keep = _site_mask(feats, -1, normalize=normalize)
+        _compare(res, full, info, full_info, keep, 1, splits, rank, -1, unmerge,
+                 f"zeros {backend} {unmerge} {normalize}")
     return {}
 
 

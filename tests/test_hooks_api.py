@@ -1,5 +1,8 @@
 """maxfusion_hooks on raw PyTorch models: the lockstep engine, the handle, errors and faults.
 
+One file (over 400 lines) because the engine, handle, error and fault tests all compare against
+the same hand-written float64 lockstep below.
+
 The reference for block level is a lockstep written out by hand with the float64 reference
 (``reference.max_fuse(..., unmerge=True)`` between the stages); the models run in float64 so
 that the comparison is tight and no decision is near a tie.

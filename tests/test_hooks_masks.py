@@ -1,5 +1,8 @@
 """Regional masks in the hook layer: ``apply(..., masks=[...])`` and ``handle.set_masks``.
 
+One file (over 400 lines) because every test of masks in the hook layer shares the same tiny
+models and mask builders, one section per pipeline family.
+
 Image-space masks (PIL, numpy, tensors) are resized to every fusion's grid with an area
 average (the token grid for SD3 / Flux), tiled over the batch (classifier-free guidance), cached
 per grid. End to end with tiny pipelines at both levels: conditions that overlap everywhere,

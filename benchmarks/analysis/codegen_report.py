@@ -1,6 +1,9 @@
 """What the kernels compile to on NVIDIA GPUs, without a GPU: registers, spills, shared memory,
 occupancy and global load/store widths of every kernel the package's launchers launch.
 
+One file (over 400 lines) because it is one command-line report: the cases, their analysis per
+architecture and the Markdown it writes.
+
 Usage::
 
     python benchmarks/analysis/codegen_report.py [--cases all|ci|NAME,...]

@@ -1,5 +1,8 @@
 """Compile and "launch" the package's Triton kernels for NVIDIA GPUs on a machine without one.
 
+One file (over 400 lines) because the fake driver and the readers of what it compiled (ptxas
+usage, occupancy, load widths) share the architecture table and are used together.
+
 ``offline_cuda(arch)`` activates a fake Triton CUDA driver (``triton.runtime.driver.set_active``).
 While it is active an ordinary launch ``kernel[grid](*tensors, ...)`` goes through Triton's own
 ``JITFunction.run``: the real binder specialises the arguments exactly as on a GPU (pointers on

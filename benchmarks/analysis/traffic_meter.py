@@ -1,5 +1,8 @@
 """Traffic meter: the bytes Triton kernels load and store, counted in the Triton interpreter.
 
+One file (over 400 lines) because the interpreter patch that records every load and store and
+the byte accounting it feeds must agree on every access.
+
 Usage as a library (the kernels must run in the interpreter: ``TRITON_INTERPRET=1`` set before
 they are defined, CPU tensors)::
 

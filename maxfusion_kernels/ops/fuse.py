@@ -3,7 +3,7 @@
 Top to bottom: the backend choice, the registered op ``torch.ops.maxfusion.max_fuse`` and the
 public function. The kernels and their launcher are shared with ``max_fuse_many``
 (``kernels.py``, ``launch.py``; the work split in ``plan.py``). The semantics are those of
-SPEC.md (executable form: :mod:`maxfusion_kernels.reference`); the passes and the bytes they
+docs/spec.md (executable form: :mod:`maxfusion_kernels.reference`); the passes and the bytes they
 move are in docs/design.md.
 """
 
@@ -240,7 +240,7 @@ def max_fuse(
     backend: str = "auto",
     process_group=None,
 ):
-    """Fuse N feature tensors of one shape with MaxFusion (SPEC.md).
+    """Fuse N feature tensors of one shape with MaxFusion (docs/spec.md).
 
     Args:
         features: N tensors (2 <= N <= 8) of identical shape, dtype (float16, bfloat16, float32
@@ -265,7 +265,7 @@ def max_fuse(
         return_info: also return a :class:`FuseInfo` with the winner ``[B, *sites]`` (int64)
             and the group ``[N, B, *sites]`` (bool).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`choose_backend`).
-        process_group: sharded sites (SPEC.md): a ``torch.distributed`` process group (or a
+        process_group: sharded sites (docs/spec.md): a ``torch.distributed`` process group (or a
             1-D ``DeviceMesh``) whose ranks each hold a contiguous share of the sites of every
             sample, with the whole batch and all channels (e.g. the tokens of a DiT under
             context parallelism). The normalisers are summed over the ranks by one all-reduce

@@ -1,5 +1,8 @@
 """The three Triton kernels of a MaxFusion call, for G groups of N tensors at once.
 
+One file (over 400 lines) because the three kernels share their ``@triton.jit`` per-tile helpers
+and are checked against each other pass by pass.
+
 Top to bottom: the per-tile helpers, pass 1 (``stats_kernel``), pass 2 (``combine_kernel``),
 pass 3 (``write_kernel``). How the work is split is decided on the host (``plan.py``: tiles,
 the 1-D grids and the per-group table read here by column); the passes and the bytes they move

@@ -1,6 +1,9 @@
 """The launcher shared by ``max_fuse`` and ``max_fuse_many``: G groups of N tensors in three
 kernel launches (``kernels.py``), whatever G is.
 
+One file (over 400 lines) because the planned path and the cached fast path build the same
+launch arguments and must stay identical side by side.
+
 It reads every tensor in place (``layout.py``), plans the work split (``plan.py``), allocates
 the outputs and ONE scratch workspace, uploads the per-group table once per list of shapes
 (cached; kept alive for as long as a CUDA graph may replay it), and launches the passes on the
