@@ -278,7 +278,8 @@ def max_fuse(
     Returns:
         The fused tensor (merge) or a list of N tensors (unmerge), with the shape and dtype of
         the inputs; with ``return_info``, ``(result, info)``. Statistics are float32 (float64
-        for float64 inputs with the torch path). Inference only: no gradient is defined.
+        for float64 inputs with the torch path). Differentiable with the decisions held fixed
+        (docs/algorithm.md, "The gradient").
 
     Raises:
         TypeError, ValueError: naming the argument and the problem (see docs/api.md).
