@@ -15,6 +15,7 @@ import torch
 
 from ..options import FuseOptions
 from . import fuse_many as _fuse_many  # noqa: F401  (defines maxfusion::max_fuse_many)
+from .backward import triton_backward
 from .fuse import options_from_flags
 
 # ----------------------------------------------------------------------------------------
@@ -181,9 +182,25 @@ def _decisions_one(ctx, feats, masks, winner, members):
     return winner, members
 
 
+def use_triton_backward(ctx, feats) -> bool:
+    """The Triton backward kernels serve a call whose forward ran on them, for float16,
+    bfloat16 and float32 inputs, with no mask requiring grad; the rest (float64, whose
+    forward statistics are float32 on the kernels anyway; mask gradients; fake tensors while
+    tracing) takes the vectorised torch formula."""
+    f0 = feats[0]
+    return (ctx.use_triton and f0.dtype != torch.float64 and not any(ctx.want_masks)
+            and type(f0) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
 def _backward_one(ctx, grad_outs, _grad_winner, _grad_members):
     feats, masks, winner, members = _restore(ctx)
     winner, members = _decisions_one(ctx, feats, masks, winner, members)
+    if use_triton_backward(ctx, feats):
+        fg = triton_backward([feats], [list(grad_outs)], winner, members, ctx.opt,
+                             [masks] if any(ctx.mask_slots) else None)[0]
+        return (fg, None, None, None, None, None, None, None, None, None,
+                _mask_grads(ctx, [None] * len(ctx.mask_slots)), None)
     fg, mg = group_backward(feats, list(grad_outs), winner, members, ctx.opt,
                             masks if any(ctx.mask_slots) else None, ctx.want_masks)
     return (fg, None, None, None, None, None, None, None, None, None, _mask_grads(ctx, mg),
@@ -222,10 +239,20 @@ def _backward_many(ctx, grad_outs, _grad_winners, _grad_members):
                 feats, n, *_flags(opt, n), opt.channel_dim, True, ctx.use_triton,
                 masks if any(ctx.mask_slots) else [], ctx.process_group)
     n_out = n if opt.unmerge else 1
+    grad_outs = list(grad_outs)
+    if use_triton_backward(ctx, feats):
+        groups = [feats[k * n:(k + 1) * n] for k in range(len(counts))]
+        gmasks = None
+        if any(ctx.mask_slots):
+            gmasks = [masks[k * n:(k + 1) * n] for k in range(len(counts))]
+        res = triton_backward(groups, [grad_outs[k * n_out:(k + 1) * n_out]
+                                       for k in range(len(counts))],
+                              winners, members, opt, gmasks)
+        return ([g for grp in res for g in grp], None, None, None, None, None, None, None,
+                None, None, None, _mask_grads(ctx, [None] * len(ctx.mask_slots)), None)
     fg_all: list = []
     mg_all: list = []
     off = 0
-    grad_outs = list(grad_outs)
     for k, count in enumerate(counts):
         grp = feats[k * n:(k + 1) * n]
         gmasks = masks[k * n:(k + 1) * n] if any(ctx.mask_slots) else None
