@@ -368,7 +368,13 @@ class Lockstep:
                     f"fusion point {point.label!r}: input {point.leaf!r} is "
                     f"{type(t).__name__}, not a floating tensor"
                 )
-            (g,) = run.scheduler.switch(_Arrival(point, [("", t)]))
+            src = t
+            if point.inplace and t.requires_grad and torch.is_grad_enabled():
+                # under autograd the fusion saves its inputs (by reference) for the backward,
+                # and the in-place write below would change one: fuse a copy instead (the
+                # graph then runs t -> copy -> fusion -> t, as the forward does)
+                src = t.clone()
+            (g,) = run.scheduler.switch(_Arrival(point, [("", src)]))
             if point.inplace:
                 t.copy_(g)
                 return None

@@ -136,3 +136,50 @@ def _prepare(feats, opt, dtype, masks=None):
     a = torch.where(~removed & ~finite, -1.5, a)  # nor does a non-finite one
     return x, removed, SiteStatistics(var=var, std=std, corr=corr, saliency=a,
                                       present=~removed)
+
+
+def fuse_with_decisions(
+    features: Sequence[torch.Tensor],
+    winner: torch.Tensor,
+    members: torch.Tensor,
+    *,
+    unmerge: bool = False,
+    weights: Sequence[float] | None = None,
+    channel_dim: int = 1,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    dtype: torch.dtype = torch.float64,
+):
+    """The fused outputs of docs/spec.md with the decisions given, not taken: ``winner``
+    ``[B, *sites]`` and ``members`` ``[N, B, *sites]`` (e.g. a ``FuseInfo`` of a call on the
+    same features). Plain differentiable torch in ``dtype``: autograd through it is the
+    gradient of docs/algorithm.md ("The gradient"), decisions fixed, which the registered
+    backward of :func:`maxfusion_kernels.max_fuse` must equal. A zero std passes no gradient
+    (its derivative is taken as 0, not the NaN of ``sqrt`` at 0); a site whose present input
+    is not finite is a constant NaN."""
+    feats = check_features(features)
+    opt = resolve_options(feats, weights=weights, channel_dim=channel_dim)
+    ms = None if masks is None else check_masks(masks, feats, opt.channel_dim)
+    x, removed, _ = _prepare(feats, opt, dtype, ms)
+    n = len(feats)
+    c = x.shape[-1]
+    cen = x - x.mean(dim=-1, keepdim=True)
+    var = (cen * cen).sum(dim=-1) / (c - 1)
+    has_s = var > 0
+    std = torch.where(has_s, torch.where(has_s, var, 1).sqrt(), 0)  # no NaN gradient at 0
+    members = members.to(x.device)
+    winner = winner.to(x.device)
+    m = members.to(dtype)[..., None]
+    out = (m * x).sum(dim=0) / m.sum(dim=0).clamp(min=1)
+    poison = (~torch.isfinite(var.detach()) & ~removed).any(dim=0)[..., None]
+    out = torch.where(poison, torch.nan, out)
+    if not unmerge:
+        return out.movedim(-1, opt.channel_dim)
+    idx = torch.arange(n, device=x.device).view(n, *[1] * winner.dim())
+    is_w = (idx == winner).to(dtype)
+    x_w = (is_w[..., None] * x).sum(dim=0)
+    s_w = (is_w * std).sum(dim=0)
+    factor = torch.where(s_w > 0, std / torch.where(s_w > 0, s_w, 1), 1.0)
+    factor = torch.where(removed, 0.0, factor)
+    g = torch.where(members[..., None], out, factor[..., None] * x_w)
+    g = torch.where(poison, torch.nan, g)
+    return [gi.movedim(-1, opt.channel_dim) for gi in g]

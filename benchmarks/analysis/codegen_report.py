@@ -69,7 +69,7 @@ class Case:
     """
 
     name: str
-    api: str  # "max_fuse" or "max_fuse_many"
+    api: str  # "max_fuse" or "max_fuse_many" (with "_backward": then the backward)
     n: int
     dtype: str
     shape: tuple[int, ...] | str
@@ -119,6 +119,14 @@ CASES: list[Case] = [
          note="one SD1.5 step: 13 residuals"),
     Case("sd15-step-n3-bf16-unmerge", "max_fuse_many", 3, "bfloat16", SD15,
          kwargs={"unmerge": True, "preset": "reference"}),
+    Case("nchw-n2-f16-backward", "max_fuse_backward", 2, "float16", NCHW, ci=True,
+         note="forward and backward kernels (merge)"),
+    Case("nchw-n3-f16-unmerge-backward", "max_fuse_backward", 3, "float16", NCHW,
+         kwargs={"unmerge": True}, ci=True, note="forward and backward kernels (unmerge)"),
+    Case("tokens-n2-bf16-unmerge-backward", "max_fuse_backward", 2, "bfloat16", TOKENS,
+         kwargs={"unmerge": True, "channel_dim": -1}),
+    Case("sd15-step-n2-f16-unmerge-backward", "max_fuse_many_backward", 2, "float16", SD15,
+         kwargs={"unmerge": True}),
     Case("sdxl-step-n2-f16", "max_fuse_many", 2, "float16", SDXL, note="one SDXL step: 10"),
 ]
 
@@ -177,6 +185,18 @@ def run_case(case: Case):
 
     groups = [[_tensor(s, case.dtype, case.layout) for _ in range(case.n)]
               for s in case_shapes(case)]
+    if case.api.endswith("_backward"):  # the forward, then the backward kernels
+        import torch
+
+        groups = [[t.requires_grad_() for t in g] for g in groups]
+        if case.api == "max_fuse_backward":
+            res = mk.max_fuse(groups[0], backend="triton", **case.kwargs)
+        else:
+            res = mk.max_fuse_many(groups, backend="triton", **case.kwargs)
+        flat = [t for r in (res if isinstance(res, list) else [res])
+                for t in (r if isinstance(r, list) else [r])]
+        torch.autograd.backward(flat, [torch.ones_like(t) for t in flat])
+        return res
     if case.api == "max_fuse":
         return mk.max_fuse(groups[0], backend="triton", **case.kwargs)
     if case.api == "max_fuse_many":

@@ -622,6 +622,40 @@ def measure(run: dict, dtype: str = DTYPE) -> dict:
     return dict(run, dtype=dtype, seconds=seconds, report=report.to_json(launch_tensors=False))
 
 
+def measure_backward(run: dict, dtype: str = DTYPE) -> dict:
+    """The backward kernels of one planned case under the meter (the forward runs outside
+    it, for the decisions). Named tensors: the inputs and the output gradients (inputs of the
+    backward) and the input gradients (its outputs), so the minimum is the inputs and output
+    gradients read once and the input gradients written once; the saved decisions (winners,
+    members), the table and the chunk statistics are scratch."""
+    import torch
+    from shapes import make_features
+
+    import maxfusion_kernels as mk
+    from maxfusion_kernels.ops.backward import triton_backward
+    from maxfusion_kernels.options import resolve_options
+
+    cd, n, unmerge = run["channel_dim"], run["n"], run["unmerge"]
+    groups = [make_features(s, n, dtype=getattr(torch, dtype), channel_dim=cd, seed=k)
+              for k, s in enumerate(run["shape"])]
+    _, infos = mk.max_fuse_many(groups, unmerge=unmerge, channel_dim=cd, backend="triton",
+                                return_info=True)
+    winners = torch.cat([i.winner.reshape(-1) for i in infos])
+    members = torch.cat([i.members.reshape(-1) for i in infos])
+    gen = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(g[0].shape, generator=gen).to(g[0].dtype)
+              for _ in range(n if unmerge else 1)] for g in groups]
+    opt = resolve_options(groups[0], unmerge=unmerge, channel_dim=cd)
+    t0 = time.perf_counter()
+    with TrafficMeter() as meter:
+        result = triton_backward(groups, grads, winners, members, opt)
+    seconds = time.perf_counter() - t0
+    report = meter.report(inputs=[f for g in groups for f in g] + [t for g in grads for t in g],
+                          outputs=[t for g in result for t in g])
+    return dict(run, dtype=dtype, seconds=seconds, backward=True,
+                report=report.to_json(launch_tensors=False))
+
+
 def _fmt_shape(shapes: list, channel_dim: int) -> str:
     if len(shapes) == 1:
         return "×".join(str(v) for v in shapes[0])
@@ -733,6 +767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-sites", type=int, default=None)
     parser.add_argument("--max-elements", type=int, default=None)
     parser.add_argument("--many-max-sites", type=int, default=None)
+    parser.add_argument("--backward", action="store_true",
+                        help="meter the backward kernels instead of the forward (minimum: "
+                        "inputs and output gradients read once, input gradients written once)")
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET", "1") in ("", "0"):
@@ -765,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in runs:
         key = (run["op"], json.dumps(run["shape"]), run["channel_dim"], run["n"], run["unmerge"])
         if key not in cache:
-            cache[key] = measure(run)
+            cache[key] = measure_backward(run) if args.backward else measure(run)
         rec = dict(cache[key], case=run["case"], table_shape=run["table_shape"])
         records.append(rec)
         r = rec["report"]["call"]["ratios"]

@@ -5,6 +5,7 @@ groups in the same three launches). Both run ``launch.py``, which launches the t
 kernels of ``kernels.py`` with the work split that ``plan.py`` computes (pure host arithmetic).
 """
 
+from . import autograd as _autograd  # noqa: F401  (registers the backward of both ops)
 from .fuse import choose_backend, max_fuse
 from .fuse_many import max_fuse_many
 

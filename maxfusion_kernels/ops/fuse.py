@@ -127,6 +127,28 @@ def call_signature(groups, masks, options: tuple) -> tuple | None:
     return tuple(sig)
 
 
+def needs_grad(groups, masks) -> bool:
+    """Whether a call is differentiated: grad mode is on and a feature (or a mask) requires
+    grad. Only then does the call go through the registered op with the decisions as extra
+    outputs (saved for the backward); otherwise it runs as if there were no autograd."""
+    if not torch.is_grad_enabled():
+        return False
+    for grp in groups:
+        if isinstance(grp, (list, tuple)):
+            for t in grp:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    return True
+    if masks is not None and isinstance(masks, (list, tuple)):
+        stack = list(masks)
+        while stack:
+            m = stack.pop()
+            if isinstance(m, (list, tuple)):
+                stack.extend(m)
+            elif isinstance(m, torch.Tensor) and m.requires_grad:
+                return True
+    return False
+
+
 def eager_mode() -> bool:
     """Not traced by ``torch.compile``, no dispatch mode (fake or functional tensors,
     ``opcheck``) active."""
@@ -278,14 +300,16 @@ def max_fuse(
     Returns:
         The fused tensor (merge) or a list of N tensors (unmerge), with the shape and dtype of
         the inputs; with ``return_info``, ``(result, info)``. Statistics are float32 (float64
-        for float64 inputs with the torch path). Inference only: no gradient is defined.
+        for float64 inputs with the torch path). Differentiable with the decisions held fixed
+        (docs/algorithm.md, "The gradient").
 
     Raises:
         TypeError, ValueError: naming the argument and the problem (see docs/api.md).
     """
     key = None
     group = resolve_group(process_group) if process_group is not None else None
-    if eager_mode():  # a call whose signature was seen: no validation, no planning
+    grad = needs_grad([features], masks)
+    if eager_mode() and not grad:  # a call whose signature was seen: no validation, no plan
         options = (threshold, unmerge, preset, correlation, saliency, normalize,
                    weights_key(weights), channel_dim, return_info, backend,
                    interpreter_enabled(), None if group is None else group.group_name)
@@ -310,21 +334,38 @@ def max_fuse(
     checked_masks = _check_masks(masks, feats, opt.channel_dim)
     use_triton = choose_backend(feats[0].device, backend) == "triton"
     n = len(feats)
-    if eager_call(feats):
+    if eager_call(feats) and not grad:
         outs, winner, members = fuse_one(feats, opt, return_info, checked_masks, use_triton,
                                          key=key, group=group)
-    else:
+    else:  # traced, or differentiated: the registered op (and its registered backward),
+        # which then also returns the decisions for the backward to save
         outs, winner, members = torch.ops.maxfusion.max_fuse(
             feats, opt.threshold, opt.unmerge, opt.pearson, opt.use_variance,
             opt.batch_normalizer, list(opt.weights) if opt.weights is not None else [1.0] * n,
-            opt.channel_dim, return_info, use_triton,
-            list(checked_masks) if checked_masks is not None else [],
+            opt.channel_dim, return_info or grad, use_triton,
+            op_masks(checked_masks, feats[0], opt.channel_dim, grad),
             "" if group is None else group.group_name,
         )
     result = list(outs) if opt.unmerge else outs[0]
     if return_info:
         return result, info_views(winner, members, feats[0], opt.channel_dim, n)
     return result
+
+
+def op_masks(masks, like: torch.Tensor, channel_dim: int, grad) -> list:
+    """The op's ``masks`` argument: empty, or one entry per input. When a mask requires grad
+    the None entries are filled with a ones view ``[1, *sites]`` (stride 0: no copy; a mask
+    of ones is bitwise no mask): autograd sees a list with a None in it as a constant, so
+    only a list of tensors carries mask gradients. ``grad="fill"``: fill in any case."""
+    if masks is None:
+        return []
+    masks = list(masks)
+    if grad == "fill" or (grad and any(m is not None and m.requires_grad for m in masks)
+                          and None in masks):
+        sites = [s for d, s in enumerate(like.shape) if d not in (0, channel_dim % like.dim())]
+        ones = like.new_ones((1,) * (1 + len(sites))).expand(1, *sites)
+        masks = [ones if m is None else m for m in masks]
+    return masks
 
 
 def _check_masks(masks, feats, channel_dim, what="masks"):

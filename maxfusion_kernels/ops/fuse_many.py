@@ -26,6 +26,8 @@ from .fuse import (
     eager_mode,
     info_views,
     interpreter_enabled,
+    needs_grad,
+    op_masks,
     options_from_flags,
     weights_key,
 )
@@ -159,7 +161,8 @@ def max_fuse_many(
     """
     key = None
     group = resolve_group(process_group) if process_group is not None else None
-    if eager_mode():  # a call whose signature was seen: no validation, no planning
+    grad = needs_grad(groups if isinstance(groups, (list, tuple)) else [], masks)
+    if eager_mode() and not grad:  # a call whose signature was seen: no validation, no plan
         options = ("many", threshold, unmerge, preset, correlation, saliency, normalize,
                    weights_key(weights), channel_dim, return_info, backend,
                    interpreter_enabled(), None if group is None else group.group_name)
@@ -198,19 +201,26 @@ def max_fuse_many(
     checked_masks = _check_group_masks(masks, checked, opts)
     use_triton = choose_backend(f0.device, backend) == "triton"
     flat = [f for grp in checked for f in grp]
-    if eager_call(flat):
+    if eager_call(flat) and not grad:
         outs, winners, members = fuse_all(checked, opt, return_info, checked_masks, use_triton,
                                           key=key, group=group)
         return _results(checked, outs, winners, members, opt.unmerge, return_info, channel_dim)
     else:
         flat_masks = ([] if checked_masks is None else
                       [m for grp in checked_masks for m in (grp if grp is not None else [None] * n)])
+        if grad and flat_masks and any(m is not None and m.requires_grad for m in flat_masks):
+            # a list with a None is a constant to autograd: fill with ones views
+            flat_masks = [m for k, grp in enumerate(checked)
+                          for m in op_masks(flat_masks[k * n:(k + 1) * n], grp[0],
+                                            channel_dim, "fill")]
         outs, winners, members = torch.ops.maxfusion.max_fuse_many(
             flat, n, opt.threshold, opt.unmerge, opt.pearson, opt.use_variance,
             opt.batch_normalizer, list(opt.weights) if opt.weights is not None else [1.0] * n,
-            channel_dim, return_info, use_triton, flat_masks,
+            channel_dim, return_info or grad, use_triton, flat_masks,
             "" if group is None else group.group_name,
         )
+    if not return_info:
+        winners = members = None
     n_out = n if opt.unmerge else 1
     per_group = [list(outs[k * n_out:(k + 1) * n_out]) for k in range(len(checked))]
     return _results(checked, per_group, winners, members, opt.unmerge, return_info, channel_dim)
