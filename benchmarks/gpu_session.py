@@ -168,18 +168,43 @@ def _junit(path: Path) -> dict:
             "slowest": [{"test": n, "s": round(t, 2)} for t, n in slowest[:10]]}
 
 
+def _count_log(text: str) -> dict:
+    """Pass/fail counts from pytest's ``-v`` lines (when it was stopped before its XML)."""
+    import re
+
+    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+    failures = []
+    for m in re.finditer(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", text, re.M):
+        kind = m.group(2).lower()
+        counts[kind] += 1
+        if kind in ("failed", "error"):
+            failures.append({"test": m.group(1), "kind": kind, "message": "(see tests.log)"})
+    return {**counts, "failures": failures}
+
+
 def step_tests(work: Path) -> dict:
+    """tests/test_gpu.py with ``-x`` off; stopped 10 s before the step's own limit
+    (``GPU_SESSION_LIMIT``) so that what ran is still counted."""
     xml = work / "test_gpu.xml"
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_gpu.py"), "-q", "-rfEs",
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_gpu.py"), "-v", "-rfEs",
            "-p", "no:cacheprovider", f"--junitxml={xml}", "--durations=15"]
     extra = os.environ.get("GPU_SESSION_TEST_ARGS")
     if extra:
         cmd += extra.split()
+    limit = float(os.environ.get("GPU_SESSION_LIMIT", "0") or 0)
     print(f"$ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT)  # output goes straight to the step's log
-    return {"pytest_rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-            **_junit(xml)}
+    try:  # output goes straight to the step's log
+        rc = subprocess.run(cmd, cwd=ROOT, timeout=limit - 10 if limit > 20 else None).returncode
+    except subprocess.TimeoutExpired:
+        rc = "stopped"
+        print(f"\npytest stopped after {limit - 10:.0f} s", flush=True)
+    res = {"pytest_rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
+    if xml.exists():
+        return {**res, **_junit(xml)}
+    log = work / "tests.log"
+    return {**res, "from_log": True, **_count_log(log.read_text(errors="replace")
+                                                  if log.exists() else "")}
 
 
 # ----------------------------------------------------------------------------------------
@@ -519,6 +544,11 @@ def _md_summary(summary: dict) -> str:
     lines += ["", "| step | status | seconds | timeout |", "|---|---|---|---|"]
     for row in summary["steps"]:
         lines.append(f"| {row['step']} | {_status(row)} | {row['seconds']} | {row['timeout']} |")
+    pc = summary["results"].get("precompile")
+    if pc:
+        lines += ["", f"precompile: {pc['variants_compiled_summed']} variants over "
+                      f"{pc['processes']} processes in {pc['seconds_slowest']} s (slowest), "
+                      f"{len(pc['errors'])} errors"]
     t = summary["results"].get("tests")
     if t and "passed" in t:
         lines += ["", f"tests/test_gpu.py: {t['passed']} passed, {t['failed']} failed, "
@@ -578,6 +608,15 @@ def pack(work: Path, out: Path) -> dict:
                 results[name] = json.loads(path.read_text())
             except ValueError as exc:
                 results[name] = {"error": f"unreadable result: {exc}"}
+    shards = sorted(work.glob("precompile_*.json"))
+    if shards:
+        parts = [json.loads(p.read_text()) for p in shards]
+        results["precompile"] = {
+            "processes": len(parts), "triton": parts[0].get("triton"),
+            "variants_compiled_summed": sum(p["distinct_variants"] for p in parts),
+            "seconds_slowest": max(p["seconds_total"] for p in parts),
+            "calls": sum(v["calls"] for p in parts for v in p["per_step"].values()),
+            "errors": [e for p in parts for v in p["per_step"].values() for e in v["errors"]]}
     summary = {"dry_run": DRY, "steps": _steps_table(work), "results": results,
                "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out.mkdir(parents=True, exist_ok=True)
@@ -672,11 +711,42 @@ def session_calls() -> list[tuple[str, str, dict]]:
     return calls
 
 
-def census(arch: int, out: Path | None, steps: set[str] | None) -> dict:
+def _variant_family(call: dict) -> str:
+    """What decides a call's kernel variants, but for the shapes (which only pick the tiles):
+    calls of one family go to one shard, so that the shards rarely compile the same variant."""
+    return json.dumps([call["api"], call["n"], call["dtype"], call["channel_dim"],
+                       len(call["shapes"]), sorted(call["kwargs"].items())], default=str)
+
+
+def shard_calls(calls: list, index: int, count: int) -> list:
+    """Shard ``index`` of ``count`` of ``calls``: whole families (:func:`_variant_family`),
+    dealt out heaviest first to the lightest shard so far. A family's weight is its number of
+    distinct shape lists, capped at 16 (past a few, new shapes rarely make new tiles: the 300
+    small shapes of tests/test_gpu.py's table-cache test compile a handful of variants)."""
+    families: dict = {}
+    for item in calls:
+        families.setdefault(_variant_family(item[2]), []).append(item)
+    weight = {k: min(16, len({json.dumps(c["shapes"]) for _, _, c in v}))
+              for k, v in families.items()}
+    load = [0] * count
+    mine = set()
+    for key in sorted(families, key=lambda k: (-weight[k], k)):
+        j = min(range(count), key=lambda i: (load[i], i))
+        load[j] += weight[key]
+        if j == index:
+            mine.add(key)
+    return [item for item in calls if _variant_family(item[2]) in mine]
+
+
+def census(arch: int, out: Path | None, steps: set[str] | None,
+           shard: tuple[int, int] = (0, 1)) -> dict:
     """Call every entry of :func:`session_calls` under the fake CUDA driver (real Triton
     compilation for ``sm_<arch>``, nothing runs) on CPU tensors of the real shapes (never
     written, so never resident); per step the distinct compiled variants and the wall time of
-    the calls (compilation is nearly all of it)."""
+    the calls (compilation is nearly all of it). ``shard=(i, k)``: the i-th of k shards of
+    the calls (:func:`shard_calls`): k processes side by side fill Triton's on-disk cache
+    about k times faster (the session's ``precompile`` step; the later steps then load the
+    kernels from that cache)."""
     sys.path.insert(0, str(HERE / "analysis"))
     import offline_cuda as oc
     import torch
@@ -687,10 +757,9 @@ def census(arch: int, out: Path | None, steps: set[str] | None) -> dict:
     per_step: dict = {}
     seen: set = set()
     t_all = time.perf_counter()
+    calls = [c for c in session_calls() if not steps or c[0] in steps]
     with oc.offline_cuda(arch) as rec:
-        for step, label, c in session_calls():
-            if steps and step not in steps:
-                continue
+        for step, label, c in shard_calls(calls, *shard):
             dtype = getattr(torch, c["dtype"])
             groups = [[torch.empty(s, dtype=dtype) for _ in range(c["n"])] for s in c["shapes"]]
             kw = dict(c["kwargs"])
@@ -723,7 +792,8 @@ def census(arch: int, out: Path | None, steps: set[str] | None) -> dict:
             rec.launches.clear()  # keep memory flat; variants are tracked in `seen`
     import triton
 
-    res = {"arch": arch, "triton": triton.__version__, "torch": torch.__version__,
+    res = {"arch": arch, "shard": list(shard), "triton": triton.__version__,
+           "torch": torch.__version__,
            "python": sys.version.split()[0], "cpu": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "distinct_variants": len(seen),
            "seconds_total": round(time.perf_counter() - t_all, 1),
@@ -754,13 +824,15 @@ def main(argv=None) -> int:
     c.add_argument("--arch", type=int, default=90)
     c.add_argument("--steps", default=None, help="comma-separated steps (default: all)")
     c.add_argument("--out", type=Path, default=None)
+    c.add_argument("--shard", default="0/1", help="I/K: every K-th call from the I-th")
     args = ap.parse_args(argv)
     if args.cmd == "sanitize-target":
         _fail_injection("sanitize-target")
         sanitize_target()
         return 0
     if args.cmd == "census":
-        census(args.arch, args.out, set(args.steps.split(",")) if args.steps else None)
+        i, k = (int(v) for v in args.shard.split("/"))
+        census(args.arch, args.out, set(args.steps.split(",")) if args.steps else None, (i, k))
         return 0
     if args.cmd == "pack":
         summary = pack(args.work, args.out)

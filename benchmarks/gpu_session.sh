@@ -91,7 +91,7 @@ run_step() {
   if [ "$limit" -gt "$left" ]; then limit=$left; fi
   echo "== $name (timeout ${limit} s, $((now - START)) s into the run)"
   t0=$(date +%s)
-  timeout -k 5 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  GPU_SESSION_LIMIT=$limit timeout -k 5 "$limit" "$@" > "$WORK/$name.log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" "$limit" >> "$WORK/steps.tsv"
   echo "   rc $rc in $(($(date +%s) - t0)) s; last lines:"
@@ -106,15 +106,54 @@ run_step env 30 "${STEP[@]}" env --work "$WORK"
 
 # wheels: installed with --no-index --target before anything imports them
 SITE=$WORK-site
+install_wheels() {
+  local whl=(.whl/*.whl)
+  if [ ! -e "${whl[0]}" ]; then
+    echo "no wheels in .whl/ (fetch them here with: bash benchmarks/gpu_session.sh --fetch-wheels)"
+    [ "$GPU_SESSION_DRY" = 1 ]  # a dry run goes on (this machine has the packages); else fail
+    return
+  fi
+  ls -l "${whl[@]}"
+  if [ "$GPU_SESSION_DRY" = 1 ]; then
+    # the same wheels, installed for the GPU machine's Python 3.12 (not importable here)
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
+      --target "$SITE" "${whl[@]}"
+  else
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "${whl[@]}"
+  fi || return
+  ls "$SITE"
+}
+export -f install_wheels
+export PY SITE PLATFORMS
+run_step wheels 60 bash -c install_wheels
+if [ "$DRY" != 1 ] && [ -d "$SITE" ]; then export PYTHONPATH="$SITE:$PYTHONPATH"; fi
+
+# precompile: the kernel variants of every later step, compiled for sm_90 under the fake driver
+# (benchmarks/analysis/offline_cuda.py; nothing runs on the GPU) in K processes side by side,
+# into Triton's on-disk cache, which the later steps then load from (compile time is most of
+# the tests' time otherwise: docs/performance.md)
+precompile() {
+  local k=$1 steps=$2 i pids=() rc=0
+  for ((i = 0; i < k; i++)); do
+    env -u TRITON_INTERPRET "$PY" benchmarks/gpu_session.py census --arch 90 --shard "$i/$k" \
+      ${steps:+--steps "$steps"} --out "$WORK/precompile_$i.json" > "$WORK/precompile_$i.txt" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || rc=$?; done
+  tail -n 4 "$WORK"/precompile_*.txt
+  return $rc
+}
+export -f precompile
+export WORK
 if [ "$DRY" = 1 ]; then
-  # the same wheels, installed for the GPU machine's Python 3.12 (not importable here)
-  run_step wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
-    --target "$SITE" .whl/*.whl
+  run_step precompile 60 bash -c "precompile 2 backward"
 else
-  run_step wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target "$SITE" .whl/*.whl
-  if [ -d "$SITE" ]; then export PYTHONPATH="$SITE:$PYTHONPATH"; fi
+  NPROC=$(nproc 2>/dev/null || echo 4)
+  K=$((NPROC > 4 ? NPROC - 2 : 2))
+  run_step precompile 90 bash -c "precompile $K ''"
 fi
 
 run_step tests 150 "${STEP[@]}" tests --work "$WORK"
@@ -131,7 +170,6 @@ sanitize() {
   fi
 }
 export -f sanitize
-export PY
 if wanted sanitizer; then
   for tool in memcheck racecheck synccheck; do
     GPU_SESSION_STEPS='' run_step "sanitizer_$tool" 45 bash -c "sanitize $tool"
