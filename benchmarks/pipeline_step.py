@@ -51,13 +51,17 @@ def build(tiny: bool, device, dtype):
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET)).eval()
-    nets = [ControlNetModel.from_unet(unet).eval() for _ in range(2)]
+    # on a GPU the models are built there (a full-size UNet's initialisation on the CPU takes
+    # tens of seconds; the weights are random either way)
+    where = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+    with where:
+        unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET)).eval()
+        nets = [ControlNetModel.from_unet(unet).eval() for _ in range(2)]
     for k, net in enumerate(nets):  # distinct random weights, non-zero zero-convs
-        gen = torch.Generator().manual_seed(k + 1)
+        gen = torch.Generator(device=where).manual_seed(k + 1)
         with torch.no_grad():
             for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen, device=where) * 0.02)
     multi = MultiControlNetModel(nets)
     return unet.to(device, dtype), multi.to(device, dtype)
 

@@ -178,6 +178,11 @@ with oc.offline_cuda(90) as rec:
         mk.max_fuse_many(groups, backend="triton", **kw)  # first call: Triton's binder
         bound = list(rec.launches)
         rec.clear()
+        mk.max_fuse_many(groups, backend="triton", **kw)  # second: Triton's, checked
+        checked_launches = list(rec.launches)
+        assert all(isinstance(a, TensorArg) for l in checked_launches
+                   for n, a in l.args.items() if n in ("part1", "tickets"))
+        rec.clear()
         mk.max_fuse_many(groups, backend="triton", **kw)  # a later call: direct launches
         direct = list(rec.launches)
         assert len(bound) == len(direct) == 3, (len(bound), len(direct))
@@ -206,12 +211,16 @@ with oc.offline_cuda(90) as rec:
                     else:
                         assert va == vb, (name, va, vb)  # scalars and constexprs
                 checked += 1
+states = {k.direct_state for cp in launch._CALLS.values() for ks in cp.kernels.values()
+          for k in ks if k.direct_state != "unchecked"}
+assert states == {"trusted"}, states
 print("ok", checked)
 '''
 
 
 def test_direct_launches_pass_what_tritons_binder_passes(tmp_path):
-    """After the first call of a plan the launcher skips Triton's binder on CUDA and calls the
+    """After the first two calls of a plan (the second checks that Triton passes the launcher
+    what the direct path would) the launcher skips Triton's binder on CUDA and calls the
     compiled kernel's launcher itself. Under the fake driver (with CPU tensors admitted to that
     path) the launches of a later call must be those of the first: same kernels, grids and
     compiled variants, every argument in the same place with the same value (the same input
@@ -222,6 +231,80 @@ def test_direct_launches_pass_what_tritons_binder_passes(tmp_path):
                          text=True, env=_env(), timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert res.stdout.strip().startswith("ok") and int(res.stdout.split()[-1]) > 50
+
+
+FALLBACK = r'''
+import sys
+import threading
+sys.path.insert(0, sys.argv[1])
+import torch
+import offline_cuda as oc
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime.jit import JITFunction
+import maxfusion_kernels as mk
+from maxfusion_kernels.ops import launch
+
+mode = sys.argv[2]
+inside = threading.local()
+orig_run, orig_prop = JITFunction.run, CompiledKernel.run
+EXTRA = "an argument this Triton adds"
+
+def run(self, *args, **kwargs):  # Triton's own launch, marked
+    inside.on = True
+    try:
+        return orig_run(self, *args, **kwargs)
+    finally:
+        inside.on = False
+
+def launcher(ck):  # what JITFunction.run calls: in this "Triton" it takes one more argument
+    real = orig_prop.fget(ck)
+    if not getattr(inside, "on", False):
+        return real
+    if mode == "extra":
+        return lambda *a: real(*a[:9], EXTRA, *a[9:])
+    if mode == "reordered":  # the kernel's arguments in another order
+        return lambda *a: real(*a[:9], *reversed(a[9:]))
+    raise SystemExit(mode)
+
+JITFunction.run = run
+CompiledKernel.run = property(launcher)
+groups = [[torch.randn(s, dtype=torch.float16) for _ in range(2)]
+          for s in [(2, 320, 16, 16), (2, 640, 8, 8)]]
+with oc.offline_cuda(90) as rec:
+    launch.DIRECT_DEVICE_TYPES.add("cpu")
+    calls = 5
+    for _ in range(calls):
+        mk.max_fuse_many(groups, backend="triton", unmerge=True)
+    plans = list(launch._CALLS.values())
+    states = {k.direct_state for cp in plans for ks in cp.kernels.values() for k in ks
+              if k.direct_state != "unchecked"}
+    assert len(rec.launches) == 3 * calls, len(rec.launches)
+    for l in rec.launches:
+        names = list(l.args)
+        values = list(l.args.values())
+        if mode == "extra":  # every launch got Triton's arguments: the extra one first
+            assert values[0] == EXTRA, (l.kernel, names[0], values[0])
+        else:  # Triton's order: the last slot holds the first parameter (tensors, not a block)
+            assert isinstance(values[-1], (tuple, oc.TensorArg)), (l.kernel, names[-1],
+                                                                   values[-1])
+    assert states and all(s.startswith("off: ") for s in states), states
+    print("ok", sorted(states))
+'''
+
+
+@pytest.mark.parametrize("mode", ["extra", "reordered"])
+def test_direct_path_falls_back_where_triton_launches_differently(tmp_path, mode):
+    """A Triton whose ``JITFunction.run`` passes the compiled kernel's launcher something the
+    direct path would not (one more argument; the kernel's arguments in another order, as a
+    binder that binds differently would): the check at the second call sees it, the direct
+    path is never used, and every launch of five calls gets exactly what Triton passed."""
+    script = tmp_path / "fallback.py"
+    script.write_text(FALLBACK)
+    res = subprocess.run([sys.executable, str(script), str(BENCH), mode], capture_output=True,
+                         text=True, env=_env(), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.stdout.startswith("ok"), res.stdout
+    assert "launcher argument" in res.stdout or "launcher arguments" in res.stdout
 
 
 GRIDS = r'''

@@ -7,9 +7,10 @@ launch arguments and must stay identical side by side.
 It reads every tensor in place (``layout.py``), plans the work split (``plan.py``), allocates
 the outputs and ONE scratch workspace, uploads the per-group table once per list of shapes
 (cached; kept alive for as long as a CUDA graph may replay it), and launches the passes on the
-inputs' device and its current stream. Eager calls on CUDA skip Triton's argument binding after
-the first call of a shape list: the compiled kernels are called directly with the arguments
-Triton would pass (see :func:`_launch`).
+inputs' device and its current stream. Eager calls on CUDA skip Triton's argument binding from
+the third call of a shape list on: the compiled kernels are called directly with the arguments
+Triton passes, once the second call has shown that this Triton passes exactly those (see
+:class:`_Kernel`; where it does not, every launch stays on Triton's own path).
 """
 
 from __future__ import annotations
@@ -184,38 +185,149 @@ def _device_guard(device: torch.device):
 
 
 class _Kernel:
-    """One launch of a plan: the kernel, its grid, warps and constexprs, and (after the first
-    launch through Triton, on a device in ``DIRECT_DEVICE_TYPES``) the compiled kernel and
-    the order of its parameters, so later launches skip Triton's binder."""
+    """One launch of a plan: the kernel, its grid, warps and constexprs, and (on a device in
+    ``DIRECT_DEVICE_TYPES``, once Triton's own launch has been seen to pass exactly what the
+    direct path would) the compiled kernel and the order of its parameters, so later launches
+    skip Triton's binder.
+
+    The direct path calls the compiled kernel's launcher as ``JITFunction.run`` does in
+    Triton 3.2 to 3.9. Other Triton versions may call it differently, so it is trusted only
+    after a check: the first launch compiles through Triton; the second goes through Triton
+    again with the launcher intercepted, and the arguments Triton passed are compared, one by
+    one, with those the direct path would pass for the same call. Only if every one is the
+    same object (or an equal value) do later launches go direct; otherwise, or where the
+    compiled kernel's launcher cannot be intercepted, every launch of this kernel stays on
+    Triton's own path (``direct_state`` says which)."""
 
     def __init__(self, kernel, grid: int, consts: dict, num_warps: int):
         self.kernel = kernel
         self.grid = grid
         self.consts = consts
         self.num_warps = num_warps
-        self.compiled = None
+        self.compiled = None  # set once the direct path is trusted
+        self.pending = None  # compiled by the first launch, not yet checked
         self.names = list(kernel.arg_names) if hasattr(kernel, "arg_names") else None
+        self.direct_state = "unchecked"  # "trusted", or "off: <why>"
+
+    def _direct_args(self, ck, args: dict, device: torch.device) -> tuple:
+        """The positional arguments the direct path gives the compiled kernel's launcher."""
+        knobs = triton.knobs.runtime
+        values = {**args, **self.consts}
+        bound = [values[name] for name in self.names]
+        stream = triton.runtime.driver.active.get_current_stream(device.index or 0)
+        grid = (self.grid,)
+        return (self.grid, 1, 1, stream, ck.function, ck.packed_metadata,
+                ck.launch_metadata(grid, stream, *bound), knobs.launch_enter_hook,
+                knobs.launch_exit_hook, *bound)
 
     def launch(self, args: dict, device: torch.device, direct: bool) -> None:
         """``kernel[(grid,)](**args, **consts)``. ``direct``: every pointer argument is
         16-byte aligned, as at the first launch; the kernels take no integer arguments, so
-        nothing else Triton specialises on can change, and the compiled kernel's launcher is
-        called directly with the arguments in parameter order, launch metadata and hooks, as
-        ``JITFunction.run`` calls it (Triton 3.2 to 3.9)."""
+        nothing else Triton specialises on can change, and (once trusted, see the class) the
+        compiled kernel's launcher is called directly with the arguments in parameter order,
+        launch metadata and hooks."""
         if self.compiled is not None and direct:
-            knobs = triton.knobs.runtime
-            values = {**args, **self.consts}
-            bound = [values[name] for name in self.names]
-            stream = triton.runtime.driver.active.get_current_stream(device.index or 0)
             ck = self.compiled
-            grid = (self.grid,)
-            ck.run(self.grid, 1, 1, stream, ck.function, ck.packed_metadata,
-                   ck.launch_metadata(grid, stream, *bound), knobs.launch_enter_hook,
-                   knobs.launch_exit_hook, *bound)
+            ck.run(*self._direct_args(ck, args, device))
+            return
+        if self.pending is not None and direct:
+            self._checked_launch(args, device)
             return
         compiled = self.kernel[(self.grid,)](**args, **self.consts, num_warps=self.num_warps)
-        if direct and device.type in DIRECT_DEVICE_TYPES and self.names is not None:
-            self.compiled = compiled
+        if (direct and device.type in DIRECT_DEVICE_TYPES and self.names is not None
+                and self.direct_state == "unchecked"):
+            self.pending = compiled
+
+    def _checked_launch(self, args: dict, device: torch.device) -> None:
+        """Launch through Triton with the launcher intercepted; trust the direct path only if
+        Triton passed exactly what it would pass."""
+        ck, self.pending = self.pending, None
+        seen: list = []
+        restore = _intercept_launcher(ck, seen)
+        try:
+            compiled = self.kernel[(self.grid,)](**args, **self.consts,
+                                                 num_warps=self.num_warps)
+        finally:
+            if restore is not None:
+                restore()
+        if restore is None:
+            self.direct_state = "off: the compiled kernel's launcher cannot be intercepted"
+            return
+        why = None
+        if compiled is not ck:
+            why = "Triton launched another compiled kernel than the first call's"
+        elif len(seen) != 1:
+            why = f"Triton called the launcher {len(seen)} times for one launch"
+        else:
+            try:
+                mine = self._direct_args(ck, args, device)
+            except Exception as exc:  # noqa: BLE001 - any missing attribute: stay on Triton's
+                why = f"{type(exc).__name__}: {exc}"
+            else:
+                why = _argument_mismatch(seen[0], mine)
+        if why is None:
+            self.compiled = ck
+            self.direct_state = "trusted"
+        else:
+            self.direct_state = f"off: {why}"
+
+
+def _intercept_launcher(ck, seen: list):
+    """Make ``ck``'s launcher record its positional arguments in ``seen`` (and still launch);
+    return the function that undoes it, or None where the launcher is not where Triton 3.2 to
+    3.9 keep it (``CompiledKernel.run``, a property over ``_run``, or a plain attribute)."""
+    prop = isinstance(getattr(type(ck), "run", None), property)
+    slot = "_run" if prop and "_run" in vars(ck) else "run" if "run" in vars(ck) else None
+    if slot is None:
+        return None
+    if slot == "_run" and vars(ck)["_run"] is None:
+        ck.run  # noqa: B018 - the property creates the launcher
+    real = vars(ck)[slot]
+    if real is None or not callable(real):
+        return None
+
+    def recording(*a, **kw):
+        seen.append((a, kw))
+        return real(*a, **kw)
+
+    setattr(ck, slot, recording)
+
+    def restore():
+        setattr(ck, slot, real)
+
+    return restore
+
+
+def _argument_mismatch(seen, mine: tuple) -> str | None:
+    """Why the launcher arguments Triton passed (``(args, kwargs)``) differ from ``mine``, or
+    None where every one is the same object or an equal value (the launch metadata, rebuilt per
+    call, only of the same type)."""
+    theirs, kwargs = seen
+    if kwargs:
+        return f"Triton passed keyword arguments {sorted(kwargs)} to the launcher"
+    if len(theirs) != len(mine):
+        return f"Triton passed {len(theirs)} launcher arguments, the direct path {len(mine)}"
+    for i, (a, b) in enumerate(zip(theirs, mine)):
+        if i == 6 and type(a) is type(b):  # launch metadata: fresh per call, None without hook
+            continue
+        if _same(a, b):
+            continue
+        return f"launcher argument {i} differs ({type(a).__name__} vs {type(b).__name__})"
+    return None
+
+
+def _same(a, b) -> bool:
+    """The same object, tuples of the same objects, or equal plain values of one type."""
+    if a is b:
+        return True
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - not comparable: not the same
+        return False
 
 
 @dataclass
