@@ -551,3 +551,66 @@ def test_hunyuan_pipeline_with_masks(hunyuan_pipe, level):
     for r in h.records:
         assert r.winner.shape == (2, 96), r.point
         assert torch.equal(r.winner.reshape(2, 8, 12), _region(r.winner, (8, 12))), r.point
+
+
+# ------------------------------------------------ QwenImage under context parallelism
+
+
+def _qwen_cp_worker(rank, world, level):
+    """The tiny QwenImage ControlNet pipeline (two nets) with MaxFusion: one process vs
+    diffusers' Ulysses context parallelism of its transformer over ``world`` ranks."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*enable_parallelism.*experimental")
+    torch.accelerator.device_count = lambda: 1  # diffusers 0.42 divides by it (0 on CPU)
+    from diffusers import ContextParallelConfig
+
+    g = torch.Generator().manual_seed(0)
+    # 8 text tokens: split over the ranks with the image tokens (divisible by 2)
+    embeds = dict(prompt_embeds=torch.randn(1, 8, 16, generator=g))
+    conds = tm.strip_conditions(2, 32)
+
+    def call(pipe):
+        return pipe(control_image=conds, controlnet_conditioning_scale=[1.0, 0.7],
+                    num_inference_steps=2, height=32, width=32, output_type="latent",
+                    true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0),
+                    **embeds).images
+
+    pipe = tm.qwen_controlnet_pipeline(2)
+    with mh.apply(pipe, level=level, record=True, **TORCH) as h:
+        ref = call(pipe)  # one process
+        n_ref = len(h.records)
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        out = call(pipe)  # every fused residual cut to this rank's tokens
+        n = len(h.records) - n_ref
+    try:
+        call(pipe)
+        alone = "ran"
+    except ValueError as e:  # removed: diffusers' combiner refuses two nets again
+        alone = str(e)
+    # the premise: diffusers alone (one union net, which it accepts) under context
+    # parallelism adds full-length residuals to the transformer's share of the tokens
+    union = tm.qwen_controlnet_pipeline(1)
+    union.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    try:
+        call(union)
+        union_alone = "ran"
+    except RuntimeError as e:
+        union_alone = str(e)
+    return {"maxdiff": float((out - ref).abs().max()), "records": (n_ref, n), "alone": alone,
+            "union_alone": union_alone}
+
+
+@pytest.mark.parametrize("level", ["block"])  # the same slicing as residual level, after it
+def test_qwen_pipeline_under_context_parallelism(level):
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers.models._modeling_parallel") is None:
+        pytest.skip("this diffusers has no context parallelism")
+    from dist_harness import run_ranks
+
+    for r in run_ranks(_qwen_cp_worker, 2, level, timeout=55):
+        assert r["maxdiff"] < 1e-5, r  # Ulysses attention: rounding only
+        assert r["records"][0] == r["records"][1] > 0, r
+        assert REFUSED in r["alone"], r
+        assert "must match the size" in r["union_alone"], r
