@@ -597,20 +597,79 @@ def _qwen_cp_worker(rank, world, level):
         union_alone = "ran"
     except RuntimeError as e:
         union_alone = str(e)
-    return {"maxdiff": float((out - ref).abs().max()), "records": (n_ref, n), "alone": alone,
-            "union_alone": union_alone}
+    report = {"maxdiff": float((out - ref).abs().max()), "records": (n_ref, n),
+              "alone": alone, "union_alone": union_alone}
+    report.update(_sharded_qwen_controlnets(rank, world))
+    return report
+
+
+def _sharded_qwen_controlnets(rank, world):
+    """QwenImage ControlNets sharded by a context-parallel plan of their own (the
+    transformer's split of image and text tokens at the first block and of the rotary
+    embedding): their residuals are this rank's share of the tokens, fused with
+    ``process_group``, at both levels, against this rank's slice of one process's fusion."""
+    from diffusers import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    nets = [tm.tiny_qwen_controlnet(60 + k) for k in range(2)]
+    multi = _qwen_multi(nets)
+    inp = tm.qwen_inputs()
+    inp["encoder_hidden_states"] = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(9))
+    # conditions on horizontal strips: rank 0's tokens hold one, rank 1's the other, so each
+    # rank's own normalisers differ from the whole sequence's
+    conds = [c.reshape(2, 8, 8, 16).transpose(1, 2).reshape(2, 64, 16)
+             for c in tm.token_strip_conditions(2)]
+
+    def fuse(level, **kw):
+        with torch.no_grad(), mh.apply(multi, level=level, record=True, **TORCH, **kw) as h:
+            return _qwen_call(multi, conds, [1.0, 0.7], inp), {
+                r.point: tuple(r.winner.shape) for r in h.records}
+
+    refs = {lv: fuse(lv)[0] for lv in LEVELS}  # one process, before any parallelism
+    tokens = lambda: ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+    rope = lambda: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    plan = {"transformer_blocks.0": {"hidden_states": tokens(), "encoder_hidden_states": tokens()},
+            "pos_embed": {0: rope(), 1: rope()}}
+    for net in nets:
+        net.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=plan)
+    group = nets[0]._parallel_config.context_parallel_config._flattened_mesh.get_group()
+    out = {}
+    for lv in LEVELS:
+        mine = [t.chunk(world, 1)[rank] for t in refs[lv]]
+        sharded, n_rec = fuse(lv, process_group=group)
+        alone, _ = fuse(lv)  # each rank's share fused with its own normalisers
+        out[lv] = {"shape": tuple(sharded[0].shape), "records": n_rec,
+                   "maxdiff": max(float((a - b).abs().max()) for a, b in zip(sharded, mine)),
+                   "scale": max(float(t.abs().max()) for t in mine),
+                   "alone_maxdiff": max(float((a - b).abs().max())
+                                        for a, b in zip(alone, mine))}
+    return {"sharded": out}
 
 
 @pytest.mark.parametrize("level", ["block"])  # the same slicing as residual level, after it
 def test_qwen_pipeline_under_context_parallelism(level):
+    """The pipeline under diffusers' context parallelism (replicated residuals, cut to each
+    rank's tokens by the combiner), and sharded ControlNets with ``process_group`` (both
+    levels), in one 2-rank run."""
     import importlib.util
 
     if importlib.util.find_spec("diffusers.models._modeling_parallel") is None:
         pytest.skip("this diffusers has no context parallelism")
     from dist_harness import run_ranks
 
-    for r in run_ranks(_qwen_cp_worker, 2, level, timeout=55):
+    reports = run_ranks(_qwen_cp_worker, 2, level, timeout=55)
+    for r in reports:
         assert r["maxdiff"] < 1e-5, r  # Ulysses attention: rounding only
         assert r["records"][0] == r["records"][1] > 0, r
         assert REFUSED in r["alone"], r
         assert "must match the size" in r["union_alone"], r
+        for lv, sh in r["sharded"].items():
+            assert sh["shape"] == (2, 32, 16), (lv, sh)
+            # every fusion sees this rank's 32 of the 64 image tokens, except block level's
+            # first one: the input of transformer_blocks.0 is hooked before diffusers' split
+            # of that module's input, so every rank fuses the whole (identical) sequence there
+            want = {p: (2, 64 if p.endswith(":input") else 32) for p in sh["records"]}
+            assert sh["records"] == want and len(want) == (2 if lv == "residual" else 5), sh
+            assert sh["maxdiff"] < 1e-6 * max(1.0, sh["scale"]), (lv, sh)  # measured 1e-6
+    # the premise: fused with each rank's own normalisers, the residuals differ
+    assert max(sh["alone_maxdiff"] for r in reports for sh in r["sharded"].values()) > 1e-3
