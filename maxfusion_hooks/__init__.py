@@ -4,10 +4,11 @@
 **max_fuse_options)``
 patches a diffusers pipeline, a multi-condition combiner (``MultiControlNetModel``,
 ``MultiControlNetUnionModel``, ``SD3MultiControlNetModel``, ``FluxMultiControlNetModel``,
-``MultiAdapter``) or a list of control models, and returns a handle whose ``remove()`` (or
+``QwenImageMultiControlNetModel``, ``HunyuanDiT2DMultiControlNetModel``, ``MultiAdapter``) or
+a list of control models, and returns a handle whose ``remove()`` (or
 with-block) undoes every patch and whose ``set_masks`` changes the regional masks (one
 image-space mask per control model) between calls. Under diffusers' context parallelism a
-Flux pipeline's fused residuals are cut to each rank's tokens; ``process_group`` is for
+Flux or QwenImage pipeline's fused residuals are cut to each rank's tokens; ``process_group`` is for
 residuals that are themselves sharded. See docs/integration.md.
 
 Importing this package imports neither diffusers nor greenlet and initialises no CUDA context;

@@ -27,8 +27,8 @@ from ._lockstep import (
     resolve_points,
 )
 from ._masks import RegionMasks, image_masks
-from ._parallel import cp_config, plan_splits_residuals, shard_flux_output
-from .handlers import CombinerHandler, FluxMultiControlNet, Job, find_combiner, find_family
+from ._parallel import cp_config, plan_splits_residuals
+from .handlers import CombinerHandler, Job, find_combiner, find_family
 
 LEVELS = ("residual", "block")
 
@@ -66,7 +66,7 @@ class MaxFusionHandle:
         self._undo: list[Callable[[], None]] = []
         self._region: RegionMasks | None = None
         self._grid: tuple[int, int] | None = None  # the token grid of the call in progress
-        self._pipe: weakref.ref | None = None  # a Flux pipeline: its transformer's CP config
+        self._pipe: weakref.ref | None = None  # a Flux / QwenImage pipeline: its transformer's CP
         self.active = True
 
     # ---- public ----
@@ -88,7 +88,7 @@ class MaxFusionHandle:
 
     def set_masks(self, masks: Sequence[Any] | None) -> None:
         """Set (or with ``None`` clear) the regional masks for the next calls, without
-        applying again: one entry per control model (per condition for a Flux
+        applying again: one entry per control model (per condition for a Flux or QwenImage
         ControlNet-Union run once per condition), ``None`` or an image-space mask (a PIL
         image, a numpy array or a tensor, ``[H, W]`` or ``[B, H, W]``, values in [0, 1];
         see :func:`apply`). Raises ``TypeError`` / ``ValueError`` naming ``masks[i]``, and
@@ -353,8 +353,12 @@ def apply(
         target: a diffusers pipeline with a multi-condition combiner (e.g. a ControlNet pipeline
             built with a list of ControlNets), the combiner itself (``MultiControlNetModel``,
             ``MultiControlNetUnionModel``, ``SD3MultiControlNetModel``,
-            ``FluxMultiControlNetModel``, ``MultiAdapter``), or a list of 2..8 control models
-            (diffusers or raw PyTorch; run them with ``handle.run``).
+            ``FluxMultiControlNetModel``, ``QwenImageMultiControlNetModel``,
+            ``HunyuanDiT2DMultiControlNetModel``, ``MultiAdapter``), or a list of 2..8 control
+            models (diffusers or raw PyTorch; run them with ``handle.run``). A Flux or
+            QwenImage combiner holding one ControlNet-Union runs it once per condition and
+            fuses the conditions; a QwenImage combiner holding several ControlNets (which
+            diffusers refuses) runs each on its condition.
         level: ``"residual"``: the models run as usual and their outputs are merged residual by
             residual. ``"block"``: the models run in lockstep, their hidden states are fused
             (unmerge) at the fusion points and their outputs merged.
@@ -366,25 +370,24 @@ def apply(
             ControlNets): ``"mean"`` (default) averages the nets taking part; ``"fuse"`` passes
             them to ``max_fuse`` (every normalised saliency is then 1 and the smallest index
             wins unless the vectors correlate).
-        masks: regional masks, one entry per control model (per condition for a Flux
-            ControlNet-Union run once per condition): ``None`` (everywhere) or an image-space
-            mask, a PIL image (mode L / 1 / RGB..., scaled to [0, 1]), a numpy array or a
-            tensor (floats in [0, 1], uint8 / 255, bool), ``[H, W]`` or ``[B, H, W]`` (one per
-            image; the batch of the features must be a multiple of B, e.g. the two halves of
-            classifier-free guidance get the same masks). Each is resized to the grid of every
-            fusion with an area average (for SD3 / Flux to the token grid) and acts as a
-            per-site weight of its model's features (docs/spec.md): 0 removes the
-            model there. At block level the fusions inside the nets take the masks as removal
-            only (1 wherever the resized mask is > 0) and the final merge as weights. Change
-            them later with ``handle.set_masks``.
+        masks: regional masks, one entry per control model (per condition for a Flux or QwenImage
+            ControlNet-Union run once per condition): ``None`` (everywhere) or an image-space mask,
+            a PIL image (mode L / 1 / RGB..., scaled to [0, 1]), a numpy array or a tensor (floats
+            in [0, 1], uint8 / 255, bool), ``[H, W]`` or ``[B, H, W]`` (one per image; the batch of
+            the features must be a multiple of B, e.g. the two halves of classifier-free guidance
+            get the same masks). Each is resized to the grid of every fusion with an area average
+            (for the DiT families to the token grid) and acts as a per-site weight of its model's
+            features (docs/spec.md): 0 removes the model there. At block level the
+            fusions inside the nets take the masks as removal only (1 wherever the resized mask is >
+            0) and the final merge as weights. Change them later with ``handle.set_masks``.
         process_group: sharded residuals: a ``torch.distributed`` process group (or a 1-D
             ``DeviceMesh``) over whose ranks the features every fusion sees are split, each
             rank holding a contiguous share of the tokens (sites) with the whole batch and
             all channels; the normalisers are summed over the ranks (``max_fuse``'s
             ``process_group``). Do NOT pass it when every rank computes the full residuals
             (diffusers' context parallelism as shipped: the ControlNets are not sharded): the
-            sums would be P times too large. A Flux pipeline whose transformer has a
-            context-parallel config needs no group: the combiner fuses the full residuals
+            sums would be P times too large. A Flux or QwenImage pipeline whose transformer
+            has a context-parallel config needs no group: the combiner fuses the full residuals
             and returns each rank's share of the tokens. Not with ``masks``.
         **max_fuse_options: ``threshold``, ``preset``, ``correlation``, ``saliency``,
             ``normalize``, ``backend`` (and ``channel_dim`` for raw models) as in
@@ -471,7 +474,7 @@ def apply(
     handle = MaxFusionHandle(level, settings, Recorder(enabled=record), models, handler,
                              combiner)
     handle._region = region
-    if isinstance(handler, FluxMultiControlNet) and combiner is not target:
+    if handler is not None and handler.shards_for_context_parallel and combiner is not target:
         handle._pipe = weakref.ref(target)  # the pipeline: look its transformer up per call
     claimed = ([combiner] if combiner is not None else []) + (
         distinct if level == "block" or combiner is None else [])
@@ -509,7 +512,7 @@ def _combiner_forward(handle: MaxFusionHandle, handler: CombinerHandler, combine
                                  weights_apply=handler.scales_are_weights,
                                  nothing=handler.nothing, grid=grid)
         cpc = handle._replicated_cp()
-        return out if cpc is None else shard_flux_output(out, cpc)
+        return out if cpc is None else handler.shard(out, cpc)
 
     forward.__wrapped__ = original  # inspect.signature(combiner.forward) stays the same
     forward.__doc__ = original.__doc__

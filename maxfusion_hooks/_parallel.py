@@ -9,12 +9,15 @@ plan does not cut ``controlnet_block_samples`` / ``controlnet_single_block_sampl
 ``FluxControlNetPipeline`` under context parallelism fails with a shape mismatch out of the
 box (``[B, S/P, C] + [B, S, C]``).
 
-With a handle made on such a pipeline, the Flux combiner fuses the full (replicated)
-residuals on every rank, which needs no collective, and returns each rank's slice of every
-fused residual, cut exactly as the transformer's plan cuts ``hidden_states``: ``chunk`` over
-the flattened ring x ulysses mesh, or ``tensor_split`` with ``ulysses_anything`` /
-``ring_anything``. The transformer's default plan then works unchanged. When the transformer's
-plan already splits the residuals itself (a user-extended plan), nothing is sliced.
+The QwenImage transformer's plan (diffusers 0.42) likewise splits ``hidden_states`` at its
+first block and not ``controlnet_block_samples``.
+
+With a handle made on such a pipeline, the Flux (or QwenImage) combiner fuses the full (replicated)
+residuals on every rank, which needs no collective, and returns each rank's slice of every fused
+residual, cut exactly as the transformer's plan cuts ``hidden_states``: ``chunk`` over the flattened
+ring x ulysses mesh, or ``tensor_split`` with ``ulysses_anything`` / ``ring_anything``. The
+transformer's default plan then works unchanged. When the transformer's plan already splits the
+residuals itself (a user-extended plan), nothing is sliced.
 
 Only private attributes of diffusers are read here (``_parallel_config``,
 ``context_parallel_config._flattened_mesh``, the hook registry), each with a fallback.

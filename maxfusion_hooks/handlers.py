@@ -1,13 +1,15 @@
 """One short handler per model family, found by type in two small registries.
 
 * Combiner handlers (``MultiControlNetModel``, ``MultiControlNetUnionModel``,
-  ``SD3MultiControlNetModel``, ``FluxMultiControlNetModel``, ``MultiAdapter``): how the
+  ``SD3MultiControlNetModel``, ``FluxMultiControlNetModel``, ``QwenImageMultiControlNetModel``,
+  ``HunyuanDiT2DMultiControlNetModel``, ``MultiAdapter``): how the
   combiner calls each of its nets (``jobs``), how a net's output splits into residuals
   (``flatten``) and how fused residuals become the combiner's output (``pack``). The patched
   combiner forward that uses them is generic (``_api.MaxFusionHandle``).
 * Model families (``ControlNetModel`` / ``ControlNetUnionModel``, ``T2IAdapter``,
-  ``SD3ControlNetModel``, ``FluxControlNetModel``): their block-level fusion points and the
-  dimension of their channels.
+  ``SD3ControlNetModel``, ``FluxControlNetModel``, ``QwenImageControlNetModel``,
+  ``HunyuanDiT2DControlNetModel``): their block-level fusion points and the dimension of their
+  channels.
 
 Classes are matched by name along the instance's MRO, restricted to classes defined in
 diffusers, so nothing here imports diffusers.
@@ -88,11 +90,36 @@ def _flux_points(net) -> list[FusionPoint]:
     return pts
 
 
+def _qwen_points(net) -> list[FusionPoint]:
+    # image tokens img_in(latents) + controlnet_x_embedder(condition) enter the first block;
+    # every block returns (text tokens, image tokens): fuse the image tokens
+    n = len(net.transformer_blocks)
+    if not n:
+        return []
+    pts = [FusionPoint("transformer_blocks.0", on="input", leaf="hidden_states", emits=False)]
+    pts += [FusionPoint(f"transformer_blocks.{k}", leaf=1, emits=False) for k in range(n)]
+    return pts
+
+
+def _hunyuan_points(net) -> list[FusionPoint]:
+    # patch tokens + input_block(patch tokens of the condition) enter the first block (passed
+    # positionally); every block returns the image tokens alone
+    n = len(net.blocks)
+    if not n:
+        return []
+    pts = [FusionPoint("blocks.0", on="input", leaf="hidden_states", emits=False)]
+    pts += [FusionPoint(f"blocks.{k}", emits=False) for k in range(n)]
+    return pts
+
+
 MODEL_FAMILIES: list[ModelFamily] = [
     ModelFamily("controlnet", ("ControlNetModel", "ControlNetUnionModel"), 1, _controlnet_points),
     ModelFamily("t2i_adapter", ("T2IAdapter",), 1, _adapter_points),
     ModelFamily("sd3_controlnet", ("SD3ControlNetModel",), -1, _sd3_points),
     ModelFamily("flux_controlnet", ("FluxControlNetModel",), -1, _flux_points),
+    ModelFamily("qwenimage_controlnet", ("QwenImageControlNetModel",), -1, _qwen_points),
+    ModelFamily("hunyuandit_controlnet", ("HunyuanDiT2DControlNetModel",), -1,
+                _hunyuan_points),
 ]
 
 
@@ -159,6 +186,14 @@ class CombinerHandler:
         """``(h, w)`` of the image-token grid of this call, for nets whose features are tokens
         ``[B, h * w, C]`` (regional masks are resized to it); ``None`` for feature maps."""
         return None
+
+    # diffusers' context parallelism of the pipeline's transformer cuts its image tokens but
+    # not these residuals: the combiner then returns each rank's share (``_parallel``)
+    shards_for_context_parallel: bool = False
+
+    def shard(self, out, cpc) -> Any:
+        """The combiner's output cut to this rank's tokens (``shards_for_context_parallel``)."""
+        raise NotImplementedError
 
 
 class MultiControlNet(CombinerHandler):
@@ -282,11 +317,114 @@ class FluxMultiControlNet(CombinerHandler):
             _GRIDS[ids] = found
         return found[1]
 
+    shards_for_context_parallel = True
+
+    def shard(self, out, cpc):
+        from ._parallel import shard_flux_output
+
+        return shard_flux_output(out, cpc)
+
     def pack(self, fused, template):
         nb = len(template[0]) if template[0] is not None else 0
         blocks = list(fused[:nb]) if template[0] is not None else None
         singles = list(fused[nb:]) if template[1] is not None else None
         return blocks, singles
+
+
+def _count_check(combiner_name: str, n_nets: int, conds, scales) -> None:
+    n_conds = len(conds)
+    if n_nets > 1 and n_conds != n_nets:
+        raise ValueError(f"{combiner_name} has {n_nets} ControlNets but got {n_conds} "
+                         "conditions (controlnet_cond): give one per ControlNet")
+    if len(scales) != n_conds:
+        raise ValueError(f"{combiner_name} got {len(scales)} conditioning scales for {n_conds} "
+                         "conditions: give one per condition (or a single number)")
+
+
+def _image_shape_grid(img_shapes) -> tuple[int, int] | None:
+    """The token grid ``(h, w)`` of QwenImage's ``img_shapes``: one ``(frames, h, w)`` per
+    sample (or a list of them per sample, the first being the generated image)."""
+    try:
+        s = img_shapes[0]
+        if isinstance(s, list):
+            s = s[0]
+        frames, h, w = (int(x) for x in s)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (h, w) if frames == 1 else None
+
+
+class QwenImageMultiControlNet(CombinerHandler):
+    """``QwenImageMultiControlNetModel``: one ControlNet-Union run once per condition (what
+    diffusers 0.42 does, summing), or several ControlNets, one condition each (which diffusers
+    refuses: "only supports a single controlnet-union now"). Token residuals ``[B, L, C]``,
+    one per transformer block."""
+
+    class_name = "QwenImageMultiControlNetModel"
+    channel_dim = -1
+    per_net = ("controlnet_cond", "conditioning_scale")
+    shards_for_context_parallel = True
+
+    def jobs(self, c, a):
+        common = _common(a, self.per_net)
+        conds = list(a["controlnet_cond"])  # a list, or a tensor of stacked conditions
+        scales = _scales(a["conditioning_scale"], len(conds))
+        _count_check(type(c).__name__, len(c.nets), conds, scales)
+        nets = list(c.nets) if len(c.nets) > 1 else [c.nets[0]] * len(conds)
+        return [
+            Job(i, net, float(s), partial(net, **common, controlnet_cond=img,
+                                          conditioning_scale=s, return_dict=False))
+            for i, (img, s, net) in enumerate(zip(conds, scales, nets))
+        ]
+
+    def flatten(self, out):
+        return [(f"block.{k}", t) for k, t in enumerate(out or [])]
+
+    def pack(self, fused, template):
+        return None if template is None else list(fused)
+
+    def token_grid(self, c, a):
+        # the pipelines pack 2 x 2 latent patches per token and pass the packed grid
+        return _image_shape_grid(a.get("img_shapes"))
+
+    def shard(self, out, cpc):
+        from ._parallel import local_tokens
+
+        return None if out is None else [local_tokens(t, cpc) for t in out]
+
+
+class HunyuanDiTMultiControlNet(CombinerHandler):
+    """``HunyuanDiT2DMultiControlNetModel``: several HunyuanDiT ControlNets, one condition
+    each; the output is ``(list of token residuals [B, L, C],)``, one per block."""
+
+    class_name = "HunyuanDiT2DMultiControlNetModel"
+    channel_dim = -1
+    per_net = ("controlnet_cond", "conditioning_scale")
+
+    def jobs(self, c, a):
+        common = _common(a, self.per_net)
+        conds = list(a["controlnet_cond"])
+        scales = _scales(a["conditioning_scale"], len(conds))
+        _count_check(type(c).__name__, len(c.nets), conds, scales)
+        nets = list(c.nets) if len(c.nets) > 1 else [c.nets[0]] * len(conds)
+        return [
+            Job(i, net, float(s), partial(net, **common, controlnet_cond=img,
+                                          conditioning_scale=s, return_dict=False))
+            for i, (img, s, net) in enumerate(zip(conds, scales, nets))
+        ]
+
+    def flatten(self, out):
+        return [(f"block.{k}", t) for k, t in enumerate(out[0])]
+
+    def pack(self, fused, template):
+        return (list(fused),)
+
+    def token_grid(self, c, a):
+        x = a.get("hidden_states")  # the latents [B, C, H, W], patchified by the nets
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return None
+        p = int(getattr(c.nets[0].config, "patch_size", 1) or 1)
+        return x.shape[-2] // p, x.shape[-1] // p
 
 
 class MultiAdapterHandler(CombinerHandler):
@@ -326,6 +464,8 @@ COMBINERS: list[CombinerHandler] = [
     MultiControlNetUnion(),
     SD3MultiControlNet(),
     FluxMultiControlNet(),
+    QwenImageMultiControlNet(),
+    HunyuanDiTMultiControlNet(),
     MultiAdapterHandler(),
 ]
 

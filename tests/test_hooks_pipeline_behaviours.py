@@ -166,7 +166,7 @@ def test_a_scale_of_zero_is_removal_not_a_zero_that_competes(pipe3):
     removed = max_fuse(mid[1:], backend="torch")
     assert float(competing[..., 0, 0].detach().abs().max()) == 0.0  # the zero won the tie
     assert torch.equal(removed[..., 0, 0], torch.ones_like(removed[..., 0, 0]))
-    # SPEC: a weight of 0 removes the input (the kernels, both backends)
+    # docs/spec.md: a weight of 0 removes the input (the kernels, both backends)
     raw = [f.clone() for f in mid]
     raw[0] = torch.randn_like(raw[0])  # whatever net 0 holds, its weight 0 removes it
     for backend in ("torch", "auto"):
@@ -229,7 +229,7 @@ def _assert_per_image(both_calls, alone_calls, n_images):
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_num_images_per_prompt(pipe2, level):
-    """Two images per prompt: every image is fused on its own (SPEC's per-sample normaliser),
+    """Two images per prompt: every image is fused on its own (the per-sample normaliser),
     so each image's fused residuals and latents equal the same image made alone."""
     conds = tm.strip_conditions(2, 32)
     lat = _latents(2)

@@ -467,3 +467,208 @@ def sdxl_union_inpaint_pipeline(n: int = 2, seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ============================================================================================
+# QwenImage and HunyuanDiT ControlNets (issue 17). QwenImage runs with a tiny Qwen2.5-VL text
+# encoder and a byte-level Qwen2 tokenizer built in memory; HunyuanDiT on precomputed prompt
+# embeddings (its BERT / T5 text encoders are not built).
+# ============================================================================================
+
+QWEN_DIMS = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+                 num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+QWEN_INPAINT_EXTRA = 4  # packed (latent + mask) channels: (4 + 1) * 4 = 16 + 4
+
+
+def tiny_qwen_transformer(seed: int = 0):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(**QWEN_DIMS).eval()
+
+
+def tiny_qwen_controlnet(seed: int = 0, *, driven: bool = True, inpaint: bool = False):
+    """A QwenImage ControlNet (2 blocks, 16-dim tokens) matching :func:`tiny_qwen_transformer`;
+    ``inpaint``: it takes the packed masked-image latents and mask of the inpaint pipeline."""
+    from diffusers import QwenImageControlNetModel
+
+    torch.manual_seed(seed)
+    net = QwenImageControlNetModel(
+        **QWEN_DIMS, extra_condition_channels=QWEN_INPAINT_EXTRA if inpaint else 0).eval()
+    return make_condition_driven(net, seed + 1000) if driven else net
+
+
+def tiny_qwen_vae(seed: int = 0):
+    """A 2-level QwenImage VAE (4 latent channels): scale factor 2, 32 px -> 8 x 8 tokens."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                  temperal_downsample=[False], latents_mean=[0.0] * 4,
+                                  latents_std=[1.0] * 4).eval()
+
+
+QWEN_VOCAB = 300
+
+
+def tiny_qwen_tokenizer():
+    """A Qwen2 tokenizer with a byte-level vocabulary, no merges and the chat-template tokens,
+    built in memory."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab: dict[str, int] = {}
+    for ch in bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    assert len(tok) <= QWEN_VOCAB
+    return tok
+
+
+def tiny_qwen_text_encoder(seed: int = 0):
+    """A 1-layer Qwen2.5-VL (text width 16 = the transformer's joint_attention_dim)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=QWEN_VOCAB,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                         max_position_embeddings=1024, **ids),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                           out_hidden_size=16, fullatt_block_indexes=[0], patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1, in_chans=3),
+        vocab_size=QWEN_VOCAB, **ids)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def qwen_controlnet_pipeline(n: int = 2, seed: int = 0, *, nets=None, inpaint: bool = False):
+    """``QwenImageControlNetPipeline`` (``inpaint``: ``QwenImageControlNetInpaintPipeline``)
+    with a ``QwenImageMultiControlNetModel`` of ``n`` tiny condition-driven ControlNets (seeds
+    ``seed + 1`` ..; ``n=1``: one net, a ControlNet-Union run once per condition), or of
+    ``nets``."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageControlNetInpaintPipeline,
+        QwenImageControlNetPipeline,
+        QwenImageMultiControlNetModel,
+    )
+
+    nets = nets if nets is not None else [
+        tiny_qwen_controlnet(seed + 1 + k, inpaint=inpaint) for k in range(n)]
+    cls = QwenImageControlNetInpaintPipeline if inpaint else QwenImageControlNetPipeline
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_qwen_vae(seed),
+               text_encoder=tiny_qwen_text_encoder(seed), tokenizer=tiny_qwen_tokenizer(),
+               transformer=tiny_qwen_transformer(seed),
+               controlnet=QwenImageMultiControlNetModel(nets))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_inputs(batch: int = 2, seed: int = 0) -> dict:
+    """Keyword inputs of a tiny QwenImage ControlNet (8 x 8 packed tokens of 16 channels)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 64, 16, generator=g),
+                encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+                encoder_hidden_states_mask=None, timestep=torch.tensor([0.5] * batch),
+                img_shapes=[(1, 8, 8)] * batch)
+
+
+HUNYUAN_DIMS = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
+                    sample_size=8, hidden_size=16, cross_attention_dim=16,
+                    cross_attention_dim_t5=16, pooled_projection_dim=8, text_len=4,
+                    text_len_t5=6, mlp_ratio=2.0)
+HUNYUAN_LAYERS = 6  # the ControlNets have 6 // 2 - 1 = 2 blocks (and residuals)
+
+
+def tiny_hunyuan_transformer(seed: int = 0):
+    from diffusers import HunyuanDiT2DModel
+
+    torch.manual_seed(seed)
+    return HunyuanDiT2DModel(num_layers=HUNYUAN_LAYERS, **HUNYUAN_DIMS).eval()
+
+
+def tiny_hunyuan_controlnet(seed: int = 0, *, driven: bool = True):
+    from diffusers import HunyuanDiT2DControlNetModel
+
+    torch.manual_seed(seed)
+    net = HunyuanDiT2DControlNetModel(transformer_num_layers=HUNYUAN_LAYERS,
+                                      **HUNYUAN_DIMS).eval()
+    return make_condition_driven(net, seed + 1000) if driven else net
+
+
+def tiny_vae8(seed: int = 0):
+    """A 4-level VAE of scale factor 8 (HunyuanDiT's pipeline assumes 8): 128 px -> 16 x 16."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, norm_num_groups=2, sample_size=128,
+    ).eval()
+
+
+def hunyuan_controlnet_pipeline(n: int = 2, seed: int = 0):
+    from diffusers import DDPMScheduler, HunyuanDiTControlNetPipeline
+
+    pipe = HunyuanDiTControlNetPipeline(
+        vae=tiny_vae8(seed), text_encoder=None, tokenizer=None,
+        transformer=tiny_hunyuan_transformer(seed), scheduler=DDPMScheduler(),
+        safety_checker=None, feature_extractor=None,
+        controlnet=[tiny_hunyuan_controlnet(seed + 1 + k) for k in range(n)],
+        text_encoder_2=None, tokenizer_2=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def hunyuan_prompt_kwargs(batch: int = 1, seed: int = 0) -> dict:
+    """Precomputed prompt embeddings (BERT-like 4 tokens, T5-like 6 tokens, width 16) with
+    their masks, and the negative ones for classifier-free guidance."""
+    g = torch.Generator().manual_seed(seed)
+    kw = {}
+    for neg in ("", "negative_"):
+        for suffix, n in (("", 4), ("_2", 6)):
+            kw[f"{neg}prompt_embeds{suffix}"] = torch.randn(batch, n, 16, generator=g)
+            kw[f"{neg}prompt_attention_mask{suffix}"] = torch.ones(batch, n, dtype=torch.long)
+    return kw
+
+
+def hunyuan_inputs(batch: int = 2, seed: int = 0) -> dict:
+    """Keyword inputs of a tiny HunyuanDiT ControlNet besides its condition and scale (16 x 16
+    latents: 8 x 8 tokens)."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    g = torch.Generator().manual_seed(seed)
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), (8, 8)), (8, 8), output_type="pt")
+    return dict(hidden_states=torch.randn(batch, 4, 16, 16, generator=g),
+                timestep=torch.tensor([500.0] * batch),
+                encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                text_embedding_mask=torch.ones(batch, 4, dtype=torch.long),
+                encoder_hidden_states_t5=torch.randn(batch, 6, 16, generator=g),
+                text_embedding_mask_t5=torch.ones(batch, 6, dtype=torch.long),
+                image_meta_size=torch.tensor([[64.0, 64, 64, 64, 0, 0]] * batch),
+                style=torch.zeros(batch, dtype=torch.long), image_rotary_emb=rope)
+
+
+def token_strip_conditions(n: int, batch: int = 2, channels: int = 16, grid=(8, 8),
+                           seed: int = 1) -> list[torch.Tensor]:
+    """``n`` packed conditions ``[batch, h * w, channels]``, condition k nonzero on the tokens
+    of vertical strip k of the ``grid`` only."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    conds = []
+    for k in range(n):
+        c = torch.zeros(batch, h, w, channels)
+        lo, hi = k * w // n, (k + 1) * w // n
+        c[:, :, lo:hi] = torch.randn(batch, h, hi - lo, channels, generator=g)
+        conds.append(c.reshape(batch, h * w, channels))
+    return conds
+
+# ============================================================================================
+# end of the QwenImage / HunyuanDiT section
+# ============================================================================================

@@ -70,8 +70,9 @@ def make_condition_driven(model: nn.Module, seed: int = 0, gain: float = 3.0) ->
 
     ControlNet / ControlNet-Union: ``controlnet_cond_embedding`` gets He-normal weights with
     ``gain`` and zero biases (so an all-zero condition embeds to exactly zero), and the zero
-    convolutions get random weights. SD3 / Flux ControlNets: the same for the condition input
-    embedder (``pos_embed_input`` / ``controlnet_x_embedder``) and the zero linears.
+    convolutions get random weights. SD3 / Flux / QwenImage / HunyuanDiT ControlNets: the same
+    for the condition input embedder (``pos_embed_input`` / ``controlnet_x_embedder`` /
+    ``input_block``) and the zero linears.
     T2I-Adapter: every conv of the adapter gets He-normal weights and zero biases.
     """
     g = torch.Generator().manual_seed(seed)
@@ -82,10 +83,17 @@ def make_condition_driven(model: nn.Module, seed: int = 0, gain: float = 3.0) ->
     elif hasattr(model, "pos_embed_input"):  # SD3
         _kaiming_(model.pos_embed_input, gain, g)
         _random_(model.controlnet_blocks, g)
-    elif hasattr(model, "controlnet_x_embedder"):  # Flux
+    elif hasattr(model, "controlnet_single_blocks"):  # Flux
         _kaiming_(model.controlnet_x_embedder, gain, g)
         _random_(model.controlnet_blocks, g)
         _random_(model.controlnet_single_blocks, g)
+    elif hasattr(model, "controlnet_x_embedder"):  # QwenImage
+        _kaiming_(model.controlnet_x_embedder, gain, g)
+        _random_(model.controlnet_blocks, g)
+    elif hasattr(model, "input_block") and hasattr(model, "controlnet_blocks"):  # HunyuanDiT
+        # the condition is patch-embedded by the net's (shared) pos_embed, then input_block
+        _kaiming_(model.input_block, gain, g)
+        _random_(model.controlnet_blocks, g)
     elif hasattr(model, "adapter"):  # T2I-Adapter
         _kaiming_(model.adapter, gain, g)
     else:
