@@ -1,6 +1,9 @@
 """The steps of the first GPU session (``benchmarks/gpu_session.sh`` runs them, each in its own
 process under its own ``timeout``), the packing of their results, and the compile census.
 
+One file (over 400 lines) because the steps, their packing and the compile census share one list of
+calls and one result format, read by one driver.
+
 Usage (the driver script calls these; docs/performance.md, "The GPU session")::
 
     python benchmarks/gpu_session.py step NAME --work DIR     # one step: DIR/NAME.json

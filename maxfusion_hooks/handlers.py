@@ -1,5 +1,8 @@
 """One short handler per model family, found by type in two small registries.
 
+One file (over 400 lines) because every family's handlers are short and read best beside the two
+registries that dispatch them.
+
 * Combiner handlers (``MultiControlNetModel``, ``MultiControlNetUnionModel``,
   ``SD3MultiControlNetModel``, ``FluxMultiControlNetModel``, ``QwenImageMultiControlNetModel``,
   ``HunyuanDiT2DMultiControlNetModel``, ``MultiAdapter``): how the

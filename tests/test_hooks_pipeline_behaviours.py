@@ -1,5 +1,8 @@
 """Pipeline behaviours users rely on, with several ControlNets fused, at both levels.
 
+One file (over 400 lines) because every behaviour is tested on the same tiny pipelines and
+fixtures.
+
 Tiny SD 1.5-style ControlNet pipelines (32 px, 2 denoising steps, torch backend):
 ``control_guidance_start`` / ``control_guidance_end`` per net (a net outside its window takes
 no part in the competition), ``guess_mode``, ``num_images_per_prompt > 1``, a batch of

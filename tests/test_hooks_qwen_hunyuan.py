@@ -1,6 +1,9 @@
 """QwenImage and HunyuanDiT ControlNets: both combiners at both levels, with masks, and their
 pipelines end to end (tiny random models built from config, 2 denoising steps).
 
+One file (over 400 lines) because both families share the combiner fixtures, the token-grid masks
+and the float64 checks.
+
 ``QwenImageMultiControlNetModel`` in diffusers 0.42 runs one ControlNet-Union once per
 condition and sums, and raises "only supports a single controlnet-union now" for several
 ControlNets; with MaxFusion applied it fuses the conditions of the union net, or runs several

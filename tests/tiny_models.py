@@ -1,5 +1,8 @@
 """Tiny diffusers models and pipelines built from config with random weights (no downloads).
 
+One file (over 400 lines) because the tests import every builder from one module and the builders
+share private parts (``_sdxl_parts``, ``_euler``).
+
 Every builder is deterministic in its ``seed``; every forward takes milliseconds on a CPU. The
 SD 1.5-style builders the demo also uses (tokenizer, text encoder, UNet, ControlNet, VAE, the
 ControlNet pipeline) and :func:`make_condition_driven` live in the package,
