@@ -1,6 +1,9 @@
 """The steps of the first GPU session (``benchmarks/gpu_session.sh`` runs them, each in its own
 process under its own ``timeout``), the packing of their results, and the compile census.
 
+One file (over 400 lines) because the driver script calls it as one command with subcommands:
+the steps share its device set-up, dry-run sizes and result format, which ``pack`` reads.
+
 Usage (the driver script calls these; docs/performance.md, "The GPU session")::
 
     python benchmarks/gpu_session.py step NAME --work DIR     # one step: DIR/NAME.json
