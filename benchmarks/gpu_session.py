@@ -447,65 +447,118 @@ def step_pipeline(work: Path) -> dict:
 
 
 def step_backward(work: Path) -> dict:
-    """The gradient of ``max_fuse`` on the Triton path (issue 16) against autograd through the
-    reference (decisions are argmax and threshold comparisons: autograd holds them fixed), and
-    its time against the reference's autograd and the forward alone."""
+    """The gradient of ``max_fuse`` on the Triton path (issue 16), merge and unmerge: equal to
+    autograd through the float64 reference given the call's own decisions
+    (``reference.fuse_with_decisions``; near-tie sites cannot differ), computed by the Triton
+    backward kernels (a spy on ``ops.autograd.triton_backward``), and its time against the
+    reference's autograd and the forward alone, with GB/s on the minimum bytes
+    (``harness.backward_bytes``: inputs and output gradients read once, input gradients
+    written once)."""
     import harness as H
     import torch
     from shapes import make_features
 
     import maxfusion_kernels as mk
+    import maxfusion_kernels.ops.autograd as AG
     from maxfusion_kernels import reference
 
     dev = _device()
     cuda = dev.type == "cuda"
     shape = (2, 16, 4, 4) if DRY else (2, 320, 64, 64)
     dtype = torch.float16 if cuda else torch.float32
-    feats = [f.requires_grad_() for f in make_features(shape, 2, dtype, dev, seed=5)]
-    out = mk.max_fuse(feats, backend="triton")
-    res: dict = {"shape": list(shape), "dtype": str(dtype), "grad_fn": repr(out.grad_fn)}
-    if out.grad_fn is None:
-        res["status"] = "no grad_fn: max_fuse on the Triton path is not differentiable here " \
-                        "(issue 16 not landed)"
-        print(res["status"], flush=True)
-        return res
-    gen = torch.Generator(device=dev).manual_seed(7)
-    grad_out = torch.randn(shape, generator=gen, device=dev, dtype=torch.float32).to(dtype)
-    got = torch.autograd.grad(out, feats, grad_out)
-    f64 = [f.detach().double().requires_grad_() for f in feats]
-    ref = reference.max_fuse(f64)
-    want = torch.autograd.grad(ref, f64, grad_out.double())
-    _, info = mk.max_fuse([f.detach() for f in feats], backend="triton", return_info=True)
-    _, info_ref = reference.max_fuse([f.detach().double() for f in feats], return_info=True)
-    res["winner_agreement"] = (info.winner == info_ref.winner).float().mean().item()
-    res["rel_error"] = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
-    res["finite"] = all(bool(torch.isfinite(g).all()) for g in got)
-    res["pass"] = res["finite"] and max(res["rel_error"]) < 2e-2
+    n = 2
+    res: dict = {"shape": list(shape), "dtype": str(dtype), "n": n}
+    calls = []
+    real = AG.triton_backward
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    AG.triton_backward = spy
     reps, warmup = (2, 0) if DRY else (30, 3)
     timer = H.Timer(dev, reps, warmup, flush_l2=True, min_seconds=0.0)
+    try:
+        for mode in ("merge", "unmerge"):
+            res[mode] = _backward_mode(mode == "unmerge", shape, dtype, n, dev, timer, calls,
+                                       mk, reference, make_features, H, torch)
+    finally:
+        AG.triton_backward = real
+    bad = [m for m in ("merge", "unmerge") if res[m].get("status")]
+    if bad:
+        res["status"] = f"{bad[0]}: {res[bad[0]]['status']}"
+    res["pass"] = all(res[m].get("pass") for m in ("merge", "unmerge"))
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def _backward_mode(unmerge, shape, dtype, n, dev, timer, calls, mk, reference, make_features,
+                   H, torch) -> dict:
+    """One mode of :func:`step_backward`."""
+    feats = [f.requires_grad_() for f in make_features(shape, n, dtype, dev, seed=5)]
+    out, info = mk.max_fuse(feats, backend="triton", unmerge=unmerge, return_info=True)
+    outs = list(out) if unmerge else [out]
+    r: dict = {"grad_fn": repr(outs[0].grad_fn)}
+    if outs[0].grad_fn is None:
+        r["status"] = "no grad_fn: max_fuse on the Triton path is not differentiable here"
+        return r
+    gen = torch.Generator(device=dev).manual_seed(7)
+    gouts = [torch.randn(shape, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+             for _ in outs]
+    before = len(calls)
+    got = torch.autograd.grad(outs, feats, gouts, retain_graph=True)
+    r["triton_backward_kernels"] = len(calls) > before
+    f64 = [f.detach().double().requires_grad_() for f in feats]
+    ref = reference.fuse_with_decisions(f64, info.winner, info.members, unmerge=unmerge)
+    want = torch.autograd.grad(list(ref) if unmerge else [ref], f64,
+                               [g.double() for g in gouts])
+    r["rel_error"] = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+    r["max_abs_error"] = [(g.double() - w).abs().max().item() for g, w in zip(got, want)]
+    r["finite"] = all(bool(torch.isfinite(g).all()) for g in got)
+    _, info_ref = reference.max_fuse([f.detach().double() for f in feats], unmerge=unmerge,
+                                     return_info=True)
+    r["winner_agreement_with_float64_decisions"] = (
+        (info.winner == info_ref.winner).float().mean().item())
+    r["pass"] = r["finite"] and r["triton_backward_kernels"] and max(r["rel_error"]) < 2e-2
+
     ref32 = [f.detach().float().requires_grad_() for f in feats]
+    ref_out = reference.max_fuse(ref32, unmerge=unmerge, dtype=torch.float32)
+    ref_outs = list(ref_out) if unmerge else [ref_out]
+    g32 = [g.float() for g in gouts]
 
     def ours_fb():
-        o = mk.max_fuse(feats, backend="triton")
-        return torch.autograd.grad(o, feats, grad_out)
+        o = mk.max_fuse(feats, backend="triton", unmerge=unmerge)
+        return torch.autograd.grad(list(o) if unmerge else [o], feats, gouts)
+
+    def ours_b():  # the backward alone, of the graph kept above
+        return torch.autograd.grad(outs, feats, gouts, retain_graph=True)
 
     def ref_fb():
-        o = reference.max_fuse(ref32, dtype=torch.float32)
-        return torch.autograd.grad(o, ref32, grad_out.float())
+        o = reference.max_fuse(ref32, unmerge=unmerge, dtype=torch.float32)
+        return torch.autograd.grad(list(o) if unmerge else [o], ref32, g32)
+
+    def ref_b():
+        return torch.autograd.grad(ref_outs, ref32, g32, retain_graph=True)
 
     def ours_f():
         with torch.no_grad():
-            return mk.max_fuse(feats, backend="triton")
+            return mk.max_fuse(feats, backend="triton", unmerge=unmerge)
 
-    for name, fn in (("forward_backward", ours_fb), ("reference_forward_backward", ref_fb),
-                     ("forward_only", ours_f)):
+    nbytes = H.backward_bytes([shape], n, dtype, unmerge)
+    r["min_bytes"] = nbytes
+    for name, fn, kind in (("forward_backward", ours_fb, "forward_backward"),
+                           ("backward", ours_b, "backward"),
+                           ("reference_forward_backward", ref_fb, None),
+                           ("reference_backward", ref_b, None),
+                           ("forward_only", ours_f, "forward")):
         try:
             t = timer.time(fn, capturable=False)
-            res[f"{name}_ms"] = t.ms
+            r[f"{name}_ms"] = t.ms
+            if kind is not None:
+                r[f"{name}_gbps"] = nbytes[kind] / (t.ms * 1e6)
         except Exception as exc:  # noqa: BLE001
-            res[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    print(json.dumps(res), flush=True)
-    return res
+            r[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return r
 
 
 # ----------------------------------------------------------------------------------------
@@ -596,7 +649,8 @@ def _md_summary(summary: dict) -> str:
     b = summary["results"].get("backward")
     if b:
         lines += ["", "backward: " + (b.get("status") or json.dumps(
-            {k: v for k, v in b.items() if k not in ("grad_fn",)}))]
+            {k: ({kk: vv for kk, vv in v.items() if kk != "grad_fn"} if isinstance(v, dict)
+                 else v) for k, v in b.items() if k != "grad_fn"}))]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,10 @@ method's effective GB/s is ``(N + 1) * X / time`` (``X`` the bytes of one input,
 whatever it really moves (the reference also writes a float32 result and full-size
 temporaries).
 
+Bytes of the backward rows (``backward_bytes``): the N inputs and the output gradients (1 for
+a merge, N for an unmerge) read once, the N input gradients written once; a forward plus its
+backward adds the forward's minimum.
+
 Timing on CUDA: ``warmup`` calls, then ``reps`` calls, each between two CUDA events, and the
 median (as ``triton.testing.do_bench``). Before each call (outside the events) a 256 MiB buffer
 is zeroed so the inputs are read from DRAM, not from L2 (``flush_l2``; an H100 has 50 MB of
@@ -71,9 +75,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reference_fuse(feats: list[torch.Tensor], channel_dim: int) -> torch.Tensor:
-    """(a) the authors' algorithm in eager PyTorch, from the package's reference code."""
-    return reference.max_fuse(feats, preset=PRESET, channel_dim=channel_dim,
+def reference_fuse(feats: list[torch.Tensor], channel_dim: int, unmerge: bool = False):
+    """(a) the authors' algorithm in eager PyTorch, from the package's reference code (plain
+    torch: autograd runs through it, the baseline of the backward rows)."""
+    return reference.max_fuse(feats, preset=PRESET, channel_dim=channel_dim, unmerge=unmerge,
                               dtype=compute_dtype(feats[0].dtype))
 
 
@@ -110,10 +115,10 @@ def backend_for(device: torch.device) -> str:
     return "auto" if device.type == "cuda" else "torch"
 
 
-def max_fuse(feats: list[torch.Tensor], channel_dim: int, backend: str) -> torch.Tensor:
+def max_fuse(feats: list[torch.Tensor], channel_dim: int, backend: str, unmerge: bool = False):
     """(c) the package's fused op on one residual."""
     return maxfusion_kernels.max_fuse(feats, preset=PRESET, channel_dim=channel_dim,
-                                      backend=backend)
+                                      backend=backend, unmerge=unmerge)
 
 
 def max_fuse_many(groups: list[list[torch.Tensor]], channel_dim: int,
@@ -153,6 +158,17 @@ def fusion_bytes(shapes: Sequence[Sequence[int]], n: int, dtype: torch.dtype) ->
     elem = torch.empty((), dtype=dtype).element_size()
     x = sum(numel(s) for s in shapes) * elem
     return {"input_bytes": x, "out_bytes": x, "bytes": (n + 1) * x}
+
+
+def backward_bytes(shapes: Sequence[Sequence[int]], n: int, dtype: torch.dtype,
+                   unmerge: bool) -> dict:
+    """The minimum bytes of one backward: the N inputs and the output gradients (1 for a merge,
+    N for an unmerge) read once, the N input gradients written once, in the input dtype; and
+    of a forward plus its backward (the forward's minimum added)."""
+    x = fusion_bytes(shapes, n, dtype)["input_bytes"]
+    bwd = (n + (n if unmerge else 1) + n) * x
+    fwd = (n + (n if unmerge else 1)) * x
+    return {"input_bytes": x, "backward": bwd, "forward": fwd, "forward_backward": fwd + bwd}
 
 
 def stats_allowance(shapes: Sequence[Sequence[int]], channel_dim: int, n: int,

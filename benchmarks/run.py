@@ -7,7 +7,8 @@ Usage::
 
     python benchmarks/run.py [--device cuda|cpu] [--quick] [--cases A,B] [--n-inputs 2,3,4]
                              [--dtypes float16,bfloat16,float32] [--no-compile] [--cuda-graphs]
-                             [--no-flush] [--reps R] [--warmup W] [--max-elements E] [--out PATH]
+                             [--no-flush] [--no-backward] [--reps R] [--warmup W]
+                             [--max-elements E] [--out PATH]
     python benchmarks/run.py --from-json benchmarks/results/<device>.json [--markdown]
 
 For each case of ``benchmarks/shapes.json``, each N and dtype: every distinct shape of the case
@@ -17,6 +18,14 @@ is timed with every method of ``harness.py`` (``reference``, ``compiled_referenc
 the per-residual methods in a loop over the residuals, ``max_fuse_many`` as one call, ``copy``
 as one copy of the step's bytes. A shape shared by two cases (the T2I-Adapter's maps are
 SD1.5's) is timed once and its records name the case it was measured in.
+
+The backward (``--no-backward`` skips it): for the first shape of each case, merge and unmerge,
+``max_fuse`` forward+backward (``torch.autograd.grad`` into inputs requiring grad) and its
+backward alone (one saved graph, ``retain_graph``), the same two for autograd through the eager
+reference (``maxfusion_kernels.reference``), ``max_fuse``'s forward alone, and a copy of the
+backward's minimum bytes (``harness.backward_bytes``: the N inputs and the output gradients read
+once, the N input gradients written once); one table per N and dtype, records of scope
+``backward``. ``--quick``: SD1.5's first residual and SD3's tokens at the first N only.
 
 Output: a table per case on stdout, the pass/miss line of each H100 target for a CUDA run, and
 a JSON list of records (one per case, scope, shape, N, dtype and method) in ``--out``, by
@@ -56,6 +65,7 @@ import maxfusion_kernels  # noqa: E402
 
 QUICK_COMPILE = {("sd15_controlnet_512", 0), ("sd3_tokens_1024", 0)}  # (case, shape index)
 QUICK_CPU_MAX_ELEMENTS = 2**18
+BACKWARD_QUICK = ("sd15_controlnet_512", "sd3_tokens_1024")  # --quick: their first shapes
 STEP_CASE = "sd15_controlnet_512"  # the target's whole step: 13 residuals, N=2, fp16, B=2
 TARGET_MIN_INPUT_BYTES = 8e6  # "inputs of 8 MB or more" (one input, decimal MB)
 
@@ -163,6 +173,73 @@ def measure_step(shapes, cd, n, dtype, device, timer, compiled_ok) -> dict:
     return res
 
 
+def _grad_call(fwd, feats, unmerge):
+    """``(forward+backward call, backward-only call)`` of ``fwd`` on leaf copies of ``feats``
+    that require grad: the first runs the forward and ``torch.autograd.grad`` of its outputs
+    into the inputs; the second reruns only the backward of one saved graph
+    (``retain_graph``)."""
+    leaves = [f.detach().clone().requires_grad_() for f in feats]
+    first = fwd(leaves)
+    outs = list(first) if unmerge else [first]
+    gouts = [torch.randn_like(o) for o in outs]  # output gradients, in each output's dtype
+
+    def fwd_bwd():
+        res = fwd(leaves)
+        return torch.autograd.grad(list(res) if unmerge else [res], leaves, gouts)
+
+    def bwd():
+        return torch.autograd.grad(outs, leaves, gouts, retain_graph=True)
+
+    return fwd_bwd, bwd
+
+
+BACKWARD_METHODS = ("reference_fwd_bwd", "reference_bwd", "max_fuse_fwd", "max_fuse_fwd_bwd",
+                    "max_fuse_bwd", "copy")
+
+
+def measure_backward(shape, cd, n, dtype, device, timer, unmerge, seed) -> dict:
+    """The gradient on one shape: forward+backward and the backward alone of ``max_fuse`` and
+    of the eager reference (autograd through ``maxfusion_kernels.reference``), and
+    ``max_fuse``'s forward alone (no input requires grad). GB/s count each method's minimum
+    bytes (``harness.backward_bytes``); the copy moves the backward's minimum."""
+    feats = make_features(shape, n, dtype, device, cd, seed)
+    backend = H.backend_for(device)
+    nbytes = H.backward_bytes([shape], n, dtype, unmerge)
+    src, dst = H.copy_buffers(nbytes["backward"], dtype, device)
+    ref_fb, ref_b = _grad_call(lambda fs: H.reference_fuse(fs, cd, unmerge), feats, unmerge)
+    mf_fb, mf_b = _grad_call(lambda fs: H.max_fuse(fs, cd, backend, unmerge), feats, unmerge)
+    fns = {
+        "reference_fwd_bwd": (ref_fb, False),  # the eager reference is never captured
+        "reference_bwd": (ref_b, False),
+        "max_fuse_fwd": (lambda: H.max_fuse(feats, cd, backend, unmerge), True),
+        "max_fuse_fwd_bwd": (mf_fb, True),
+        "max_fuse_bwd": (mf_b, True),
+        "copy": (lambda: dst.copy_(src), True),
+    }
+    res = _time_methods(fns, timer)
+    minimum = {"reference_fwd_bwd": "forward_backward", "max_fuse_fwd_bwd": "forward_backward",
+               "reference_bwd": "backward", "max_fuse_bwd": "backward",
+               "max_fuse_fwd": "forward", "copy": "backward"}
+    ok = {m: r for m, r in res.items() if "ms" in r}
+    copy_gbps = (2 * src.numel() * src.element_size() / (ok["copy"]["ms"] * 1e6)
+                 if "copy" in ok else None)
+    for m, r in ok.items():
+        r["min_bytes"] = nbytes[minimum[m]]
+        r["gbps"] = r["min_bytes"] / (r["ms"] * 1e6)
+        r["copy_gbps"] = copy_gbps
+        r["pct_copy"] = 100 * r["gbps"] / copy_gbps if copy_gbps else None
+    if "copy" in ok:
+        ok["copy"]["bytes"] = 2 * src.numel() * src.element_size()
+    for ours, base in (("max_fuse_fwd_bwd", "reference_fwd_bwd"),
+                       ("max_fuse_bwd", "reference_bwd")):
+        if ours in ok and base in ok:
+            ok[ours]["x_vs_reference"] = ok[base]["ms"] / ok[ours]["ms"]
+    if "max_fuse_fwd" in ok and "max_fuse_fwd_bwd" in ok:
+        ok["max_fuse_fwd_bwd"]["x_of_forward"] = (ok["max_fuse_fwd_bwd"]["ms"]
+                                                  / ok["max_fuse_fwd"]["ms"])
+    return res
+
+
 def add_ratios(res: dict, min_bytes: int) -> None:
     """GB/s of every method, the copy's GB/s, and the ratios between methods, in place."""
     ok = {m: r for m, r in res.items() if "ms" in r}
@@ -243,7 +320,13 @@ def _title(case: str, n_shapes: int, n: int, dtype: str) -> str:
 def print_from_records(records: list[dict], markdown: bool) -> None:
     """The tables of a saved run, in the order they were measured."""
     groups: dict = {}
+    backward: dict = {}
     for r in records:
+        if r["scope"] == "backward":
+            row = (tuple(r["shape"]), r["unmerge"])
+            backward.setdefault((r["n_inputs"], r["dtype"]), {}).setdefault(
+                row, {})[r["method"]] = r
+            continue
         key = (r["n_inputs"], r["dtype"], r["case"])
         row = ("step", None) if r["scope"] == "step" else ("tensor", tuple(r["shape"]))
         groups.setdefault(key, {}).setdefault(row, {})[r["method"]] = r
@@ -262,6 +345,10 @@ def print_from_records(records: list[dict], markdown: bool) -> None:
             if not markdown:
                 print("-" * len(HEADER))
             print_row(f"step ({n_shapes})", n_shapes, res, "max_fuse_many", markdown)
+    for (n, dtype), rows in backward.items():
+        print_backward_header(_backward_title(n, dtype), markdown)
+        for (shape, unmerge), res in rows.items():
+            print_backward_row("x".join(map(str, shape)), unmerge, res, markdown)
 
 
 LEGEND = ("ms: median time per call (step rows: the whole step; max_fuse and the baselines in a "
@@ -269,6 +356,52 @@ LEGEND = ("ms: median time per call (step rows: the whole step; max_fuse and the
           "bytes (N inputs read + 1 output written, input dtype) / time; %copy: mf GB/s as % of "
           "the copy's; ref/mf, cmp/mf, sum/mf: time ratios (> 1: max_fuse faster); mf = "
           "max_fuse, or max_fuse_many on step rows; MiB: peak extra memory (CUDA only).")
+
+
+BWD_COLUMNS = ["shape", "mode", "ref f+b", "ref b", "mf fwd", "mf f+b", "mf b", "copy ms",
+               "b GB/s", "f+b GB/s", "cp GB/s", "%copy", "ref/mf f+b", "ref/mf b", "f+b/fwd"]
+BWD_WIDTHS = [20, 7, 8, 8, 8, 8, 8, 8, 8, 8, 8, 6, 10, 8, 7]
+BWD_HEADER = " ".join(f"{c:>{w}}" for c, w in zip(BWD_COLUMNS, BWD_WIDTHS))
+
+
+def print_backward_header(title: str, markdown: bool = False) -> None:
+    if markdown:
+        print(f"\n**{title}**\n")
+        print("| " + " | ".join(BWD_COLUMNS) + " |")
+        print("|" + "---|" * len(BWD_COLUMNS))
+    else:
+        print(f"\n## {title}")
+        print(BWD_HEADER)
+        print("-" * len(BWD_HEADER))
+
+
+def print_backward_row(label: str, unmerge: bool, res: dict, markdown: bool = False) -> None:
+    g = res.get
+    fb, b = g("max_fuse_fwd_bwd") or {}, g("max_fuse_bwd") or {}
+    cells = [label, "unmerge" if unmerge else "merge", _ms(g("reference_fwd_bwd")),
+             _ms(g("reference_bwd")), _ms(g("max_fuse_fwd")), _ms(g("max_fuse_fwd_bwd")),
+             _ms(g("max_fuse_bwd")), _ms(g("copy")), f"{b.get('gbps') or 0:.1f}",
+             f"{fb.get('gbps') or 0:.1f}", f"{b.get('copy_gbps') or 0:.1f}",
+             f"{b.get('pct_copy') or 0:.1f}", _x(fb.get("x_vs_reference")),
+             _x(b.get("x_vs_reference")), _x(fb.get("x_of_forward"))]
+    if markdown:
+        print("| " + " | ".join(cells) + " |")
+    else:
+        print(" ".join(f"{c:>{w}}" for c, w in zip(cells, BWD_WIDTHS)))
+
+
+def _backward_title(n: int, dtype: str) -> str:
+    return f"backward: N={n}, {dtype}, inputs requiring grad"
+
+
+BWD_LEGEND = ("backward rows: ref = autograd through the eager reference "
+              "(maxfusion_kernels.reference), mf = max_fuse; f+b: forward then "
+              "torch.autograd.grad into the inputs; b: the backward alone (one saved graph, "
+              "retain_graph); fwd: max_fuse's forward with no input requiring grad; b GB/s: "
+              "minimum backward bytes (N inputs + the output gradients read, N input gradients "
+              "written) / mf b time; f+b GB/s: the forward's minimum added, / mf f+b time; "
+              "%copy: b GB/s as % of a copy of the backward's bytes; ref/mf: time ratios "
+              "(> 1: max_fuse faster); f+b/fwd: mf f+b time / mf fwd time.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -379,6 +512,10 @@ def parse_args(argv):
                          "default: eager calls")
     ap.add_argument("--no-flush", action="store_true",
                     help="CUDA: keep L2 warm between calls (default: flush, inputs from DRAM)")
+    ap.add_argument("--no-backward", action="store_true",
+                    help="skip the backward rows (the first shape of each case, merge and "
+                         "unmerge; --quick: SD1.5's first residual and SD3's tokens, first N "
+                         "only)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--max-elements", type=int, default=None,
@@ -405,7 +542,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    and (not args.n_inputs or r["n_inputs"] in args.n_inputs)
                    and (not args.dtypes or r["dtype"] in args.dtypes)]
         print_from_records(records, args.markdown)
-        print("\n" + LEGEND + "\n")
+        print("\n" + LEGEND)
+        if any(r["scope"] == "backward" for r in records):
+            print(BWD_LEGEND)
+        print()
         print("\n".join(target_lines(records)))
         return records
 
@@ -513,9 +653,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         records.append(_record(common, case_name, "step", None, len(full),
                                                None, None, cd, n, dtype, method, r, case_name,
                                                timer, step_shapes=timed))
+            if not args.no_backward and (not args.quick or n == ns[0]):
+                records += _backward_rows(args, table, cases, n, dtype, device, timer,
+                                          max_elements, common)
             first_combo = False
     elapsed = time.perf_counter() - t_start
     print("\n" + LEGEND)
+    if not args.no_backward:
+        print(BWD_LEGEND)
     print(f"benchmarked in {elapsed:.1f} s")
     if on_gpu:
         print("\n".join(target_lines(records)))
@@ -531,6 +676,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["run_seconds"] = round(elapsed, 1)
     out.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {len(records)} records to {out}")
+    return records
+
+
+def _backward_rows(args, table, cases, n, dtype, device, timer, max_elements, common):
+    """The backward table of one (N, dtype): its rows printed, its records returned."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    chosen = [c for c in cases if not args.quick or c in BACKWARD_QUICK]
+    if not chosen:
+        return []
+    print_backward_header(_backward_title(n, dtype_name))
+    records, seen = [], set()
+    for case_name in chosen:
+        case = table["cases"][case_name]
+        cd = case["channel_dim"]
+        full = tuple(case["shapes"][0])
+        shape = H.shrink([full], cd, max_elements)[0]
+        if (shape, cd) in seen:
+            continue  # the T2I-Adapter's first map is SD1.5's
+        seen.add((shape, cd))
+        for unmerge in (False, True):
+            res = measure_backward(shape, cd, n, dtype, device, timer, unmerge, seed=0)
+            print_backward_row("x".join(map(str, shape)), unmerge, res)
+            nbytes = H.backward_bytes([shape], n, dtype, unmerge)
+            for method, r in res.items():
+                records.append(dict(
+                    common, case=case_name, scope="backward", index=0, count=1,
+                    shape=list(shape), table_shape=list(full), step_shapes=None,
+                    channel_dim=cd, n_inputs=n, dtype=dtype_name, method=method,
+                    measured_in=case_name, unmerge=unmerge,
+                    backend=(H.backend_for(device) if method.startswith("max_fuse") else None),
+                    input_bytes=nbytes["input_bytes"], bytes=r.get("min_bytes"),
+                    backward_bytes=nbytes["backward"], ms=r.get("ms"), ms_min=r.get("ms_min"),
+                    gbps=r.get("gbps"), copy_gbps=r.get("copy_gbps"),
+                    pct_copy=r.get("pct_copy"), x_vs_reference=r.get("x_vs_reference"),
+                    x_of_forward=r.get("x_of_forward"),
+                    peak_extra_bytes=r.get("peak_extra_bytes"), cuda_graph=r.get("cuda_graph"),
+                    **({"error": r["error"]} if "error" in r else {})))
     return records
 
 

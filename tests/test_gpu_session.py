@@ -71,7 +71,14 @@ def test_dry_run_runs_every_step_and_returns_three_files(tmp_path):
             assert row["ratios"]["sum/maxfusion eager"] > 0
     assert {rec["method"] for rec in r["pipeline"]["records"]} == {
         "sum", "residual", "block", "block_reference_ops"}
-    assert r["backward"]["grad_fn"]  # "None" until issue 16 lands, then the node's repr
+    for mode in ("merge", "unmerge"):  # the landed backward: a gradient, by the kernels
+        b = r["backward"][mode]
+        assert b["grad_fn"] != "None" and b["triton_backward_kernels"] is True, b
+        assert b["pass"] is True and max(b["rel_error"]) < 2e-2, b
+        for name in ("forward_backward", "backward", "reference_forward_backward",
+                     "reference_backward", "forward_only"):
+            assert b[f"{name}_ms"] > 0, (mode, name, b)
+        assert b["backward_gbps"] > 0 and b["forward_backward_gbps"] > 0
     logs = _logs(out)
     if list((ROOT / ".whl").glob("*.whl")):  # fetched here: installed for Python 3.12
         assert "diffusers" in logs["wheels.log"], logs["wheels.log"][-2000:]

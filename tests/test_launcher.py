@@ -62,6 +62,36 @@ def test_table_cache_keeps_captured_tables(monkeypatch):
     assert torch.equal(captured[1], torch.tensor([[1, 1, 2]]))
 
 
+def test_backward_tables_used_in_a_capture_are_kept(monkeypatch):
+    """The backward kernels' table (``ops/backward.py``, the forward's plan at twice the
+    element size: another table) goes through the same cache: a backward run while a CUDA
+    graph is captured marks its table captured, and later backwards of other shapes, more than
+    the cache holds, never evict it (the graph replays its address)."""
+    from maxfusion_kernels.ops import backward as B
+
+    cache = launch._TableCache(limit=2)
+    monkeypatch.setattr(B, "TABLES", cache)
+    capturing = {"now": False}
+    monkeypatch.setattr(launch, "_capturing", lambda dev: capturing["now"])
+
+    def fwd_bwd(shape, seed):
+        feats = [f.requires_grad_() for f in make_features(shape, 2, seed=seed)]
+        out = mk.max_fuse(feats, backend="triton", unmerge=True)
+        capturing["now"] = seed == 0  # only the first backward is "inside a capture"
+        torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+        capturing["now"] = False
+        assert all(f.grad is not None and bool(f.grad.isfinite().all()) for f in feats)
+
+    fwd_bwd((1, 4, 3, 3), seed=0)
+    assert len(cache.captured) == 1, "the backward's table was not fetched through the cache"
+    (key,) = cache.captured
+    table = cache.entries[key][0]
+    for k in range(1, 6):
+        fwd_bwd((1, 4, 3, 3 + k), seed=k)
+    assert list(cache.entries)[0] == key and cache.entries[key][0] is table
+    assert len(cache.entries) == 2 and len(cache.captured) == 1
+
+
 @pytest.mark.parametrize(
     "make, kind, channels_fast",
     [
