@@ -74,45 +74,42 @@ def _adapter_points(net) -> list[FusionPoint]:
     return pts
 
 
-def _sd3_points(net) -> list[FusionPoint]:
-    leaf = 1 if getattr(net, "context_embedder", None) is not None else None  # (text, image)
-    pts = [FusionPoint("transformer_blocks.0", on="input", leaf="hidden_states", emits=False)]
-    pts += [FusionPoint(f"transformer_blocks.{k}", leaf=leaf, emits=False)
-            for k in range(len(net.transformer_blocks))]
-    return pts
-
-
-def _flux_points(net) -> list[FusionPoint]:
-    blocks = [f"transformer_blocks.{k}" for k in range(len(net.transformer_blocks))]
-    blocks += [f"single_transformer_blocks.{k}" for k in range(len(net.single_transformer_blocks))]
+def _token_block_points(blocks: list[str], leaf) -> list[FusionPoint]:
+    """The transformer families: the image tokens entering the first block (in place of its
+    ``hidden_states`` argument, however it is passed), then every block's output (element
+    ``leaf`` where a block returns a tuple, the whole output where ``leaf`` is None)."""
     if not blocks:
         return []
     pts = [FusionPoint(blocks[0], on="input", leaf="hidden_states", emits=False)]
-    # both kinds of block return (text tokens, image tokens): fuse the image tokens
-    pts += [FusionPoint(b, leaf=1, emits=False) for b in blocks]
+    pts += [FusionPoint(b, leaf=leaf, emits=False) for b in blocks]
     return pts
+
+
+def _sd3_points(net) -> list[FusionPoint]:
+    # a block returns (text tokens, image tokens) where the net has a context embedder
+    leaf = 1 if getattr(net, "context_embedder", None) is not None else None
+    return _token_block_points(
+        [f"transformer_blocks.{k}" for k in range(len(net.transformer_blocks))], leaf)
+
+
+def _flux_points(net) -> list[FusionPoint]:
+    # both kinds of block return (text tokens, image tokens): fuse the image tokens
+    blocks = [f"transformer_blocks.{k}" for k in range(len(net.transformer_blocks))]
+    blocks += [f"single_transformer_blocks.{k}" for k in range(len(net.single_transformer_blocks))]
+    return _token_block_points(blocks, 1)
 
 
 def _qwen_points(net) -> list[FusionPoint]:
     # image tokens img_in(latents) + controlnet_x_embedder(condition) enter the first block;
-    # every block returns (text tokens, image tokens): fuse the image tokens
-    n = len(net.transformer_blocks)
-    if not n:
-        return []
-    pts = [FusionPoint("transformer_blocks.0", on="input", leaf="hidden_states", emits=False)]
-    pts += [FusionPoint(f"transformer_blocks.{k}", leaf=1, emits=False) for k in range(n)]
-    return pts
+    # every block returns (text tokens, image tokens)
+    return _token_block_points(
+        [f"transformer_blocks.{k}" for k in range(len(net.transformer_blocks))], 1)
 
 
 def _hunyuan_points(net) -> list[FusionPoint]:
     # patch tokens + input_block(patch tokens of the condition) enter the first block (passed
     # positionally); every block returns the image tokens alone
-    n = len(net.blocks)
-    if not n:
-        return []
-    pts = [FusionPoint("blocks.0", on="input", leaf="hidden_states", emits=False)]
-    pts += [FusionPoint(f"blocks.{k}", emits=False) for k in range(n)]
-    return pts
+    return _token_block_points([f"blocks.{k}" for k in range(len(net.blocks))], None)
 
 
 MODEL_FAMILIES: list[ModelFamily] = [
