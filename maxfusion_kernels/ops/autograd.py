@@ -38,9 +38,7 @@ def group_backward(feats: list[torch.Tensor], grads: list[torch.Tensor | None],
     f0 = feats[0]
     cd = opt.channel_dim % f0.dim()
     acc = torch.float64 if f0.dtype == torch.float64 else torch.float32
-    moved = f0.movedim(cd, -1).shape  # [B, *sites, C]
-    b, c = moved[0], moved[-1]
-    s = f0.numel() // max(b * c, 1) if b * c else 0
+    b, c = f0.shape[0], f0.shape[cd]
     mask_grads: list[torch.Tensor | None] = [None] * n
     if f0.numel() == 0 or all(g is None for g in grads):
         fg = [torch.zeros_like(f) for f in feats]
@@ -49,83 +47,110 @@ def group_backward(feats: list[torch.Tensor], grads: list[torch.Tensor | None],
                           for m, want in zip(masks, want_masks)]
         return fg, mask_grads
 
-    def flat(t: torch.Tensor) -> torch.Tensor:  # [B, S, C] in the accumulation dtype
-        return t.movedim(cd, -1).reshape(b, s, c).to(acc)
+    # Everything is computed in the features' own layout (no channels-last copies): a per-site
+    # quantity has the features' shape with one channel, and sums over the channels keep it.
+    site = list(f0.shape)
+    site[cd] = 1
 
-    x = torch.stack([flat(f) for f in feats])  # [N, B, S, C] the raw inputs
+    def per_site(t: torch.Tensor, lead: int) -> torch.Tensor:  # flat (lead, sites) values
+        return t.reshape([lead] + site[1:])
+
+    def csum(t: torch.Tensor) -> torch.Tensor:
+        return t.sum(dim=cd, keepdim=True)
+
     weights = opt.weights if opt.weights is not None else (1.0,) * n
-    scale = []  # per input: alpha_i * m_i, [1 or B, S] (or a Python number)
-    for i in range(n):
+    # per input: k_i = alpha_i * m_i (a Python number without a mask, else [1 or B, site]),
+    # present_i (k_i != 0), the fused input as the forward saw it (removed values zeroed, inf
+    # and NaN included), its centred values and standard deviation over the channels
+    k, present, xs, cen, std = [], [], [], [], []
+    poison = None  # [B, site]: a NaN output, constant there
+    for i, f in enumerate(feats):
+        w = float(weights[i])
         m = masks[i] if masks is not None else None
+        xf = f.to(acc)
         if m is None:
-            scale.append(torch.full((1, 1), float(weights[i]), dtype=acc, device=f0.device))
+            ki, pi = w, w != 0
+            xi = xf * w if w not in (0.0, 1.0) else (xf if w else torch.zeros_like(xf))
         else:
-            mi = m.reshape(m.shape[0], s).to(acc)
-            scale.append(mi * weights[i])
-    k = torch.stack([sc.expand(b, s) for sc in scale])  # [N, B, S]
-    present = k != 0
-    # the fused inputs as the forward saw them: removed inputs zeroed, inf and NaN included
-    xs = torch.where(present[..., None], x * k[..., None], 0.0)
-    cen = xs - xs.mean(dim=-1, keepdim=True)
-    var = (cen * cen).sum(dim=-1) / (c - 1)  # [N, B, S]
-    std = var.sqrt()
-    poison = (present & ~torch.isfinite(var)).any(dim=0)  # [B, S]: a NaN output, constant
+            ki = per_site(m.to(acc), m.shape[0]) * w
+            pi = ki != 0
+            xi = torch.where(pi, xf * ki, 0.0)
+        ci = xi - xi.mean(dim=cd, keepdim=True)
+        vi = csum(ci * ci) / (c - 1)
+        bad = ~torch.isfinite(vi) if pi is not False else None
+        if bad is not None:
+            bad = bad & pi if isinstance(pi, torch.Tensor) else bad
+            poison = bad if poison is None else poison | bad
+        k.append(ki)
+        present.append(pi)
+        if opt.unmerge:  # merge needs the statistics only for the non-finite sites
+            xs.append(xi)
+            cen.append(ci)
+            std.append(vi.sqrt())
+    if poison is None:
+        poison = torch.zeros(site, dtype=torch.bool, device=f0.device)
 
-    mem = members.reshape(n, b, s)
-    memf = mem.to(acc)
-    count = memf.sum(dim=0).clamp_min(1)  # [B, S]
+    mem = members.reshape(n, -1)
+    memb = [per_site(mem[i], b) for i in range(n)]  # [B, site] bool each
+    memf = [mb.to(acc) for mb in memb]
+    inv_count = 1.0 / sum(memf).clamp_min(1)  # [B, site]
     if opt.unmerge:
-        zeros = None
-        gs = []
-        for g in grads:
-            if g is None:
-                zeros = torch.zeros((b, s, c), dtype=acc, device=f0.device) if zeros is None else zeros
-                gs.append(zeros)
-            else:
-                gs.append(flat(g))
-        gstack = torch.stack(gs)  # [N, B, S, C]
-        g_out = (memf[..., None] * gstack).sum(dim=0)  # the members' streams are all `out`
+        gs = [None if g is None else g.to(acc) for g in grads]
+        g_out = sum(mf * g for mf, g in zip(memf, gs) if g is not None)  # members' streams
+        if not isinstance(g_out, torch.Tensor):
+            g_out = torch.zeros(f0.shape, dtype=acc, device=f0.device)
     else:
-        g_out = flat(grads[0])
-    dx = memf[..., None] * (g_out / count[..., None])[None]  # [N, B, S, C]
+        g_out = grads[0].to(acc)
+    dx = [mf * inv_count * g_out for mf in memf]  # merge: the weighted mean of the members
 
     if opt.unmerge:
-        w = winner.reshape(b, s)
-        idx = torch.arange(n, device=f0.device)[:, None, None]
-        is_w = (idx == w).to(acc)  # [N, B, S]
-        x_w = (is_w[..., None] * xs).sum(dim=0)  # [B, S, C]
-        c_w = (is_w[..., None] * cen).sum(dim=0)
-        s_w = (is_w * std).sum(dim=0)  # [B, S]
+        wsite = per_site(winner, b)
+        is_w = [wsite == i for i in range(n)]
+        x_w, c_w, s_w = xs[0], cen[0], std[0]
+        for i in range(1, n):
+            x_w = torch.where(is_w[i], xs[i], x_w)
+            c_w = torch.where(is_w[i], cen[i], c_w)
+            s_w = torch.where(is_w[i], std[i], s_w)
         pos = s_w > 0
         s_w1 = torch.where(pos, s_w, 1.0)
-        r = torch.where(pos, std / s_w1, 1.0)  # [N, B, S], the unmerge factors
-        outside = (present & ~mem).to(acc)  # present non-members: streams r_i x_w
-        d = (gstack * x_w[None]).sum(dim=-1)  # [N, B, S] <gamma_i, x_w>
-        rw = outside * r
-        direct = (rw[..., None] * gstack).sum(dim=0)  # [B, S, C]
-        through_sw = torch.where(pos, (rw * d).sum(dim=0) / ((c - 1) * s_w1 * s_w1), 0.0)
-        dx = dx + is_w[..., None] * (direct - through_sw[..., None] * c_w)[None]
-        has_s = std > 0
-        std1 = torch.where(has_s, std, 1.0)
-        through_si = torch.where(has_s & pos[None], outside * d / ((c - 1) * std1 * s_w1[None]),
-                                 0.0)
-        dx = dx + through_si[..., None] * cen
-    keep = (present & ~poison[None])[..., None]  # [N, B, S, 1]
-    dx = torch.where(keep, dx, 0.0)
+        direct = None  # sum over present non-members of r_i gamma_i (their streams r_i x_w)
+        through_sw = torch.zeros_like(s_w)
+        for i in range(n):
+            if gs[i] is None:
+                continue
+            outside = (present[i] & ~memb[i]).to(acc)
+            r = torch.where(pos, std[i] / s_w1, 1.0)
+            d = csum(gs[i] * x_w)  # <gamma_i, x_w>
+            rw = outside * r
+            direct = rw * gs[i] if direct is None else direct + rw * gs[i]
+            through_sw = through_sw + rw * d
+            has_s = std[i] > 0
+            std1 = torch.where(has_s, std[i], 1.0)
+            through_si = torch.where(has_s & pos, outside * d / ((c - 1) * std1 * s_w1), 0.0)
+            dx[i] = dx[i] + through_si * cen[i]
+        if direct is not None:
+            through_sw = torch.where(pos, through_sw / ((c - 1) * s_w1 * s_w1), 0.0)
+            to_winner = direct - through_sw * c_w
+            for i in range(n):
+                dx[i] = dx[i] + torch.where(is_w[i], to_winner, 0.0)
 
     fg = []
     for i, f in enumerate(feats):
-        gi = (k[i][..., None] * dx[i]).reshape(moved).movedim(-1, cd).to(f.dtype)
-        fg.append(gi)
-    if masks is not None:
-        for i, m in enumerate(masks):
-            if m is None or not want_masks[i]:
-                continue
-            gm = torch.where(keep[i, ..., 0], float(weights[i]) * (x[i] * dx[i]).sum(dim=-1),
-                             0.0)  # [B, S]; 0 where removed (x may be inf there)
-            if m.shape[0] != b:
-                gm = gm.sum(dim=0, keepdim=True)
-            mask_grads[i] = gm.reshape(m.shape).to(m.dtype)
+        keep = ~poison & present[i] if present[i] is not True else ~poison
+        if present[i] is False:
+            dx[i] = torch.zeros_like(dx[i])
+        else:
+            dx[i] = torch.where(keep, dx[i], 0.0)
+        gi = dx[i] * k[i] if not (isinstance(k[i], float) and k[i] == 1.0) else dx[i]
+        fg.append(gi.to(f.dtype))
+        m = masks[i] if masks is not None else None
+        if m is None or not want_masks[i]:
+            continue
+        # 0 where removed (the raw input may be inf there)
+        gm = torch.where(keep, float(weights[i]) * csum(f.to(acc) * dx[i]), 0.0)  # [B, site]
+        if m.shape[0] != b:
+            gm = gm.sum(dim=0, keepdim=True)
+        mask_grads[i] = gm.reshape(m.shape).to(m.dtype)
     return fg, mask_grads
 
 
