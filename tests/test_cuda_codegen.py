@@ -102,6 +102,34 @@ def test_input_loads_are_vectorised(report, case, arch):
         narrow)
 
 
+V16 = [g for g in GRID if g[0].vector16]
+
+
+@pytest.mark.parametrize("case, arch", V16, ids=[i for g, i in zip(GRID, IDS) if g in V16])
+def test_backward_feature_accesses_are_16_byte_vectors(report, case, arch):
+    """Aligned 16-bit inputs whose sites (NCHW) or channels (tokens) are contiguous: every
+    global load and store of the feature dtype by the backward's launches (the call's last two,
+    after the forward's three: inputs, output gradients, input gradients) is a 16-byte vector.
+    The generic (strided) layout has no unit-stride axis and misaligned tensors no 16-byte
+    boundaries: neither can be vectorised, and neither is listed here."""
+    assert case.api.endswith("_backward"), case
+    rows = _rows(report, case, arch)
+    assert len(rows) == 5, f"expected the forward's 3 launches and the backward's 2: {rows}"
+    backward = rows[3:]
+    assert all(r["ld_input"] for r in backward), "a backward launch reads no feature"
+    assert backward[1]["st_input"], "no input-gradient store"
+    narrow = [f"launch {r['launch']} {r['kernel']}: loads {_widths(r['ld_input'])}, "
+              f"stores {_widths(r['st_input'])}"
+              for r in backward
+              if (set(map(int, r["ld_input"])) | set(map(int, r["st_input"]))) - {16}]
+    assert not narrow, ("feature accesses other than 16-byte vectors (bytes x instructions): "
+                        + "; ".join(narrow))
+
+
+def _widths(hist: dict) -> str:
+    return " ".join(f"{b}Bx{n}" for b, n in hist.items()) or "-"
+
+
 SMOKE = r'''
 import os, sys
 sys.path.insert(0, sys.argv[1])

@@ -122,3 +122,53 @@ def test_alignment_rules():
     shifted = torch.empty(2 * 8 * 16 + 1, dtype=torch.float16)[1:].view(2, 8, 4, 4)
     assert not launch.is_aligned(P.SITES_CONTIG, lay, [shifted], 2)  # starts 2 bytes in
     assert not launch.is_aligned(P.GENERIC, lay, [x], 2)
+
+
+def _shifted(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (same shape and strides) starting 2 bytes past a 16-byte boundary."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    return out.copy_(t)
+
+
+@pytest.mark.parametrize("where", ["none", "input", "grad", "odd"])
+def test_backward_takes_the_forwards_aligned_variant(monkeypatch, where):
+    """The backward kernels get the forward's choice of variant (``launch.is_aligned``, with
+    the output gradients' pointers checked too): ``ALIGNED`` with 16-byte vectors (VEC = 8
+    halves) for aligned fp16 maps; the plain variant where an input or an output gradient
+    starts 2 bytes past a 16-byte boundary or a row of sites is not a multiple of 16 bytes.
+    Both variants give the same gradients."""
+    from maxfusion_kernels.ops import backward as B
+    from maxfusion_kernels.ops import backward_kernels as BK
+    from maxfusion_kernels.options import resolve_options
+
+    seen = []
+
+    class Spy:
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                seen.append((kw["ALIGNED"], kw["VEC"]))
+                return self.real[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(BK, "bwd_stats_kernel", Spy(BK.bwd_stats_kernel))
+    monkeypatch.setattr(BK, "bwd_write_kernel", Spy(BK.bwd_write_kernel))
+    shape = (2, 8, 3, 5) if where == "odd" else (2, 8, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    feats = [(torch.randn(shape, generator=g) * (1 + i)).half() for i in range(2)]
+    grads = [torch.randn(shape, generator=g).half() for _ in range(2)]
+    _, info = mk.max_fuse(feats, unmerge=True, return_info=True, backend="triton")
+    w, m = info.winner.reshape(-1), info.members.reshape(-1)
+    opt = resolve_options(feats, unmerge=True)
+    plain = B.triton_backward([feats], [grads], w, m, opt)[0]
+    if where == "input":
+        feats = [_shifted(f) for f in feats]
+    elif where == "grad":
+        grads = [grads[0], _shifted(grads[1])]
+    seen.clear()
+    got = B.triton_backward([feats], [grads], w, m, opt)[0]
+    assert seen == [(where == "none", 8)] * 2
+    for a, b in zip(got, plain):
+        assert torch.equal(a, b)

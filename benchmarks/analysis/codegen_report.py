@@ -65,7 +65,10 @@ class Case:
     one element past a 16-byte boundary). ``shape``: one tensor's shape (``max_fuse``) or a case
     of ``shapes.json`` (``max_fuse_many``: one group per shape). ``ci``: in the reduced list the
     test suite runs (``tests/test_cuda_codegen.py``); ``vector_loads``: aligned float16 inputs
-    whose loads the test requires to be vectorised (8 bytes or more per instruction).
+    whose loads the test requires to be vectorised (8 bytes or more per instruction);
+    ``vector16`` (``_backward`` cases): aligned 16-bit inputs with a unit-stride sites or
+    channels axis, for which the test requires every load and store of the input dtype by the
+    backward's launches (inputs, output gradients, input gradients) to be a 16-byte vector.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     ci: bool = False
     vector_loads: bool = False
+    vector16: bool = False
     note: str = ""
 
 
@@ -120,13 +124,24 @@ CASES: list[Case] = [
     Case("sd15-step-n3-bf16-unmerge", "max_fuse_many", 3, "bfloat16", SD15,
          kwargs={"unmerge": True, "preset": "reference"}),
     Case("nchw-n2-f16-backward", "max_fuse_backward", 2, "float16", NCHW, ci=True,
-         note="forward and backward kernels (merge)"),
+         vector16=True, note="forward and backward kernels (merge)"),
     Case("nchw-n3-f16-unmerge-backward", "max_fuse_backward", 3, "float16", NCHW,
-         kwargs={"unmerge": True}, ci=True, note="forward and backward kernels (unmerge)"),
+         kwargs={"unmerge": True}, ci=True, vector16=True,
+         note="forward and backward kernels (unmerge)"),
+    Case("tokens-n2-f16-backward", "max_fuse_backward", 2, "float16", TOKENS,
+         kwargs={"channel_dim": -1}, ci=True, vector16=True,
+         note="backward, channels contiguous (merge)"),
     Case("tokens-n2-bf16-unmerge-backward", "max_fuse_backward", 2, "bfloat16", TOKENS,
-         kwargs={"unmerge": True, "channel_dim": -1}),
+         kwargs={"unmerge": True, "channel_dim": -1}, ci=True, vector16=True,
+         note="backward, channels contiguous (unmerge)"),
+    Case("channels-last-n2-bf16-unmerge-backward", "max_fuse_backward", 2, "bfloat16", NCHW,
+         layout="channels_last", kwargs={"unmerge": True}, vector16=True,
+         note="backward, NCHW shape in NHWC memory"),
+    Case("misaligned-n2-f16-unmerge-backward", "max_fuse_backward", 2, "float16", NCHW,
+         layout="misaligned", kwargs={"unmerge": True},
+         note="backward without the alignment specialisation (scalar loads)"),
     Case("sd15-step-n2-f16-unmerge-backward", "max_fuse_many_backward", 2, "float16", SD15,
-         kwargs={"unmerge": True}),
+         kwargs={"unmerge": True}, vector16=True),
     Case("sdxl-step-n2-f16", "max_fuse_many", 2, "float16", SDXL, note="one SDXL step: 10"),
 ]
 

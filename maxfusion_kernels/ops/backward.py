@@ -1,7 +1,9 @@
 """The launcher of the backward kernels (``backward_kernels.py``): G groups of N tensors in
 two launches, with the forward's plan (``plan.py``) made for twice the element size (a
 program reads tiles of the inputs and of the output gradients), its per-group table and its
-layouts (inputs read in place; the input gradients laid out like the forward's outputs)."""
+layouts (inputs read in place; the input gradients laid out like the forward's outputs), and
+the forward's choice of the ``ALIGNED`` variant (``launch.is_aligned``, for the output
+gradients too)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,15 @@ import torch
 
 from ..options import FuseOptions
 from . import plan as P
-from .launch import TABLES, _device_guard, _mask_entries, plan_for, prepare
+from .launch import (
+    TABLES,
+    _device_guard,
+    _mask_entries,
+    is_aligned,
+    plan_for,
+    prepare,
+    vector_width,
+)
 
 
 def triton_backward(groups: list[list[torch.Tensor]], grads: list[list[torch.Tensor | None]],
@@ -40,8 +50,12 @@ def triton_backward(groups: list[list[torch.Tensor]], grads: list[list[torch.Ten
         m is not None and any(x is not None for x in m) for m in masks)
     sizes = [(lay.batch, lay.sites) for _, _, lay in prep.groups]
     mask_rows_, mask_strides = _mask_entries(masks, sizes, n) if has_masks else (None, None)
-    plan, kind, _, active = plan_for(prep, n, 2 * f0.element_size(), opt.batch_normalizer,
-                                     mask_strides)
+    elem = f0.element_size()
+    plan, kind, aligned, active = plan_for(prep, n, elem, opt.batch_normalizer, mask_strides,
+                                           tile_bytes=2 * elem)
+    # 16-byte vectors: the inputs and input gradients were checked, now the output gradients
+    aligned = aligned and all(is_aligned(kind, prep.groups[k][2], gs_all[k], elem)
+                              for k in active)
     results = [list(outs) for _, outs, _ in prep.groups]
     if not active:
         return results
@@ -60,7 +74,8 @@ def triton_backward(groups: list[list[torch.Tensor]], grads: list[list[torch.Ten
     weights = opt.weights if opt.weights is not None else (1.0,) * n
     w_args = {f"w{i}": (weights[i] if i < n else 1.0) for i in range(8)}
     consts = dict(G=len(active), GP=P.next_pow2(len(active)), N=n, NP=plan.n_pad,
-                  K=P.TABLE_COLS, STATW=plan.statw, BW=bw, LAYOUT=kind, HAS_MASKS=has_masks,
+                  K=P.TABLE_COLS, STATW=plan.statw, BW=bw, LAYOUT=kind, ALIGNED=aligned,
+                  VEC=vector_width(elem), HAS_MASKS=has_masks,
                   UNMERGE=opt.unmerge, BLOCK_C=plan.tiles.block_c,
                   BLOCK_S=plan.tiles.block_s)
     win = winners.contiguous()

@@ -4,7 +4,9 @@ gradient"; docs/design.md, "The backward"), for G groups of N tensors at once.
 They reuse the forward's work split (``plan.py``: the per-group table, its 1-D grid of
 (group, sample, channel chunk, site block) programs) and tile helpers (``kernels.py``), with
 a plan made for twice the element size, so that a program's tiles of the inputs *and* of the
-output gradients together stay within ``MAX_PROGRAM_INPUT_BYTES``.
+output gradients together stay within ``MAX_PROGRAM_INPUT_BYTES``, and the forward's
+``ALIGNED`` variant (``tl.multiple_of`` hints on pointers, strides and sizes: 16-byte vector
+loads and stores where the launcher found every tensor aligned).
 
 - ``bwd_stats_kernel``: per site and chunk of channels, the chunk's mean and centred sum of
   squares of every (weighted, masked) input and, for unmerge, ``sum_c gamma_i x_w`` (the
@@ -27,25 +29,20 @@ import triton.language as tl
 
 from .kernels import (
     C_B,
-    C_C,
-    C_CH,
     C_IN,
-    C_INNER,
-    C_NCH,
     C_OUT,
     C_P1_OFF,
-    C_S,
     C_SITE_OFF,
     _channel_offsets,
     _is_finite,
     _load_tile,
     _one,
-    _pick,
+    _read_rows,
     _rows,
-    _scale,
     _site_offsets,
     _strides,
-    _tile,
+    _tile_extent,
+    _tile_rows,
 )
 
 
@@ -61,31 +58,24 @@ def bwd_stats_kernel(
     xs, gs, ms, meta, winner_ptr, part,
     w0, w1, w2, w3, w4, w5, w6, w7,
     G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
-    STATW: tl.constexpr, BW: tl.constexpr, LAYOUT: tl.constexpr, HAS_MASKS: tl.constexpr,
-    UNMERGE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    STATW: tl.constexpr, BW: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    VEC: tl.constexpr, HAS_MASKS: tl.constexpr, UNMERGE: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Chunk statistics of one ``[N, CH, BLOCK_S]`` tile: rows ``0..N-1`` the means, ``N..2N-1``
     the centred sums of squares (shifted by the chunk's first channel, as the forward's pass
     1), and with ``UNMERGE`` rows ``2N..3N-1`` the sums of ``gamma_i * x_w``."""
     pid = tl.program_id(0).to(tl.int64)
-    g, row, b, ch, sb = _tile(meta, pid, G, GP, K)
-    C = tl.load(row + C_C)
-    S = tl.load(row + C_S)
-    CH = tl.load(row + C_CH)
-    nch = tl.load(row + C_NCH)
-    inner = tl.load(row + C_INNER)
-    stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, False, 1)
-    ostride_b, ostride_c, ostride_s0, ostride_s1 = _strides(row, C_OUT, LAYOUT, False, 1)
+    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, ALIGNED, VEC)
+    stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, ALIGNED, VEC)
+    ostride_b, ostride_c, ostride_s0, ostride_s1 = _strides(row, C_OUT, LAYOUT, ALIGNED, VEC)
 
-    i = tl.arange(0, NP)
-    i_ok = i < N
+    i, i_ok, w, s, s_ok, scale = _tile_rows(row, ms, g, b, sb, S, w0, w1, w2, w3, w4, w5, w6,
+                                            w7, N, NP, G, HAS_MASKS, BLOCK_S)
     i64 = i.to(tl.int64)
-    w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = s < S
-    scale = _scale(row, ms, g, b, s, s_ok, w, i, N, G, HAS_MASKS)
     present = i_ok[:, None] & (scale != 0.0) & s_ok[None, :]
-    x_base = _rows(xs, g, i, N, G, False) + b * stride_b
+    need = _read_rows(present, s_ok, LAYOUT)  # what is loaded (present sites are used)
+    x_base = _rows(xs, g, i, N, G, ALIGNED) + b * stride_b
     x_site = _site_offsets(s, inner, stride_s0, stride_s1, LAYOUT)
     c_lo = ch * CH
     c_hi = tl.minimum(c_lo + CH, C)
@@ -94,20 +84,20 @@ def bwd_stats_kernel(
     if UNMERGE:
         win = tl.load(winner_ptr + site_off + b * S + s, mask=s_ok, other=0)
         is_win = i64[:, None] == win[None, :]
-        g_base = _rows(gs, g, i, N, G, False) + b * ostride_b
+        g_base = _rows(gs, g, i, N, G, ALIGNED) + b * ostride_b
         g_site = _site_offsets(s, inner, ostride_s0, ostride_s1, LAYOUT)
         g_rows = i_ok[:, None] & s_ok[None, :]
 
     acc_a = tl.zeros((NP, BLOCK_C, BLOCK_S), tl.float32)
     acc_q = tl.zeros((NP, BLOCK_C, BLOCK_S), tl.float32)
     acc_d = tl.zeros((NP, BLOCK_C, BLOCK_S), tl.float32)
-    first = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, present, LAYOUT)
+    first = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, need, LAYOUT)
     k = tl.sum(tl.where((cc == 0)[None, :, None], first.to(tl.float32), 0.0), axis=1)
     k = tl.where(scale != 0.0, k * scale, 0.0)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         chn = c0 + cc
         m3 = present[:, None, :] & (chn < c_hi)[None, :, None]
-        x = _load_tile(x_base, x_site, stride_c, chn, c_hi, present, LAYOUT).to(tl.float32)
+        x = _load_tile(x_base, x_site, stride_c, chn, c_hi, need, LAYOUT).to(tl.float32)
         x = tl.where(scale[:, None, :] != 0.0, x * scale[:, None, :], 0.0)
         d = tl.where(m3, x - k[:, None, :], 0.0)
         acc_a += d
@@ -135,31 +125,23 @@ def bwd_write_kernel(
     xs, gs, ds, ms, meta, winner_ptr, members_ptr, part,
     w0, w1, w2, w3, w4, w5, w6, w7,
     G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
-    STATW: tl.constexpr, BW: tl.constexpr, LAYOUT: tl.constexpr, HAS_MASKS: tl.constexpr,
-    UNMERGE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    STATW: tl.constexpr, BW: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    VEC: tl.constexpr, HAS_MASKS: tl.constexpr, UNMERGE: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """The input gradients of one tile (``ds``: N per group, laid out as the output
     gradients ``gs``): merge ``[j in G] w_j m_j gamma / |G|``; unmerge adds the winner's
     terms (direct and through ``s_w``) and each non-member's term through its own std. 0 at
     removed inputs and at non-finite sites."""
     pid = tl.program_id(0).to(tl.int64)
-    g, row, b, ch, sb = _tile(meta, pid, G, GP, K)
+    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, ALIGNED, VEC)
     B = tl.load(row + C_B)
-    C = tl.load(row + C_C)
-    S = tl.load(row + C_S)
-    CH = tl.load(row + C_CH)
-    nch = tl.load(row + C_NCH)
-    inner = tl.load(row + C_INNER)
-    stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, False, 1)
-    ostride_b, ostride_c, ostride_s0, ostride_s1 = _strides(row, C_OUT, LAYOUT, False, 1)
+    stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, ALIGNED, VEC)
+    ostride_b, ostride_c, ostride_s0, ostride_s1 = _strides(row, C_OUT, LAYOUT, ALIGNED, VEC)
 
-    i = tl.arange(0, NP)
-    i_ok = i < N
+    i, i_ok, w, s, s_ok, scale = _tile_rows(row, ms, g, b, sb, S, w0, w1, w2, w3, w4, w5, w6,
+                                            w7, N, NP, G, HAS_MASKS, BLOCK_S)
     i64 = i.to(tl.int64)
-    w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = s < S
-    scale = _scale(row, ms, g, b, s, s_ok, w, i, N, G, HAS_MASKS)
     st = i_ok[:, None] & s_ok[None, :]
     present = st & (scale != 0.0)
     site_off = tl.load(row + C_SITE_OFF)
@@ -207,13 +189,14 @@ def bwd_write_kernel(
         has_s = std > 0.0
         std1 = tl.where(has_s, std, 1.0)
         coef = tl.where(outside & has_s & pos[None, :], dsum / (c1 * std1 * s_w1[None, :]), 0.0)
-        x_base = _rows(xs, g, i, N, G, False) + b * stride_b
+        need = _read_rows(present, s_ok, LAYOUT)  # what is loaded (present sites are used)
+        x_base = _rows(xs, g, i, N, G, ALIGNED) + b * stride_b
         x_site = _site_offsets(s, inner, stride_s0, stride_s1, LAYOUT)
-        g_base = _rows(gs, g, i, N, G, False) + b * ostride_b
+        g_base = _rows(gs, g, i, N, G, ALIGNED) + b * ostride_b
     else:
-        g_one = _one(gs, g, 1, G, False) + b * ostride_b
+        g_one = _one(gs, g, 1, G, ALIGNED) + b * ostride_b
     o_site = _site_offsets(s, inner, ostride_s0, ostride_s1, LAYOUT)
-    d_base = _rows(ds, g, i, N, G, False) + b * ostride_b
+    d_base = _rows(ds, g, i, N, G, ALIGNED) + b * ostride_b
     c_lo = ch * CH
     c_hi = tl.minimum(c_lo + CH, C)
     cc = tl.arange(0, BLOCK_C)
@@ -225,7 +208,7 @@ def bwd_write_kernel(
             gam = _load_tile(g_base, o_site, ostride_c, chn, c_hi, st, LAYOUT).to(tl.float32)
             g_out = tl.sum(tl.where(mem[:, None, :], gam, 0.0), axis=0)  # [BC, BS]
             direct = tl.sum(rw[:, None, :] * gam, axis=0)
-            x = _load_tile(x_base, x_site, stride_c, chn, c_hi, present, LAYOUT).to(tl.float32)
+            x = _load_tile(x_base, x_site, stride_c, chn, c_hi, need, LAYOUT).to(tl.float32)
             x = tl.where(scale[:, None, :] != 0.0, x * scale[:, None, :], 0.0)
             x_w = tl.sum(tl.where(is_win[:, None, :], x, 0.0), axis=0)
             dx = tl.where(mem[:, None, :], (g_out / count[None, :])[None, :, :], 0.0)

@@ -120,6 +120,25 @@ def _tile(meta, pid, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def _tile_extent(meta, pid, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr,
+                 ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """``_tile``'s ``(group, row, sample, chunk, site block)`` and the group's sizes
+    ``(C, S, CH, chunks, inner)`` from its table row (the prologue of passes 1 and 3 and of the
+    backward's two kernels); with ``ALIGNED``, C, S and CH are declared multiples of VEC."""
+    g, row, b, ch, sb = _tile(meta, pid, G, GP, K)
+    C = tl.load(row + C_C)
+    S = tl.load(row + C_S)
+    CH = tl.load(row + C_CH)
+    nch = tl.load(row + C_NCH)
+    inner = tl.load(row + C_INNER)
+    if ALIGNED:
+        S = tl.multiple_of(S, VEC)
+        CH = tl.multiple_of(CH, VEC)
+        C = tl.multiple_of(C, VEC)
+    return g, row, b, ch, sb, C, S, CH, nch, inner
+
+
+@triton.jit
 def _strides(row, COL: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr,
              VEC: tl.constexpr):
     """``(batch, channel, outer site, inner site)`` strides from the table; with ``ALIGNED``
@@ -174,6 +193,33 @@ def _scale(row, ms, g, b, s, s_ok, w, i, N: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit
+def _tile_rows(row, ms, g, b, sb, S, w0, w1, w2, w3, w4, w5, w6, w7, N: tl.constexpr,
+               NP: tl.constexpr, G: tl.constexpr, HAS_MASKS: tl.constexpr,
+               BLOCK_S: tl.constexpr):
+    """A tile's rows and sites: ``(i, i < N, w_i, s, s < S, scale)`` (``_scale``), for the
+    inputs ``i`` ``[NP]`` and the sites ``s`` ``[BLOCK_S]`` of site block ``sb``."""
+    i = tl.arange(0, NP)
+    i_ok = i < N
+    w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < S
+    scale = _scale(row, ms, g, b, s, s_ok, w, i, N, G, HAS_MASKS)
+    return i, i_ok, w, s, s_ok, scale
+
+
+@triton.jit
+def _read_rows(use, s_ok, LAYOUT: tl.constexpr):
+    """The ``[NP, BLOCK_S]`` load mask of a tile whose sites ``use`` needs: with sites
+    contiguous, a row (input) wherever any of its sites needs it, so that the mask is constant
+    along the sites and the loads stay 16-byte vectors (per 32-byte sector the saving is the
+    same); otherwise per site."""
+    if LAYOUT == L_SITES:
+        return (tl.max(use.to(tl.int32), axis=1) > 0)[:, None] & s_ok[None, :]
+    else:
+        return use
+
+
+@triton.jit
 def _load_tile(x_base, x_site, stride_c, chn, c_hi, rows_sites, LAYOUT: tl.constexpr):
     """The ``[NP, BLOCK_C, BLOCK_S]`` tile of channels ``chn`` (0 past ``c_hi`` and where
     ``rows_sites`` ``[NP, BLOCK_S]`` is off), in the inputs' dtype."""
@@ -222,17 +268,8 @@ def stats_kernel(
     channel (a well-conditioned one-pass form), and reduced over the channels once at the end.
     """
     pid = tl.program_id(0).to(tl.int64)
-    g, row, b, ch, sb = _tile(meta, pid, G, GP, K)
-    C = tl.load(row + C_C)
-    S = tl.load(row + C_S)
-    CH = tl.load(row + C_CH)
-    nch = tl.load(row + C_NCH)
-    inner = tl.load(row + C_INNER)
+    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, ALIGNED, VEC)
     stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, ALIGNED, VEC)
-    if ALIGNED:
-        S = tl.multiple_of(S, VEC)
-        CH = tl.multiple_of(CH, VEC)
-        C = tl.multiple_of(C, VEC)
 
     # this sample's pass-2 ticket starts at zero (pass 2 runs after this launch)
     if (sb == 0) & (ch == 0):
@@ -243,13 +280,9 @@ def stats_kernel(
         else:
             tl.store(tickets + row_off + b, 0)
 
-    i = tl.arange(0, NP)
-    i_ok = i < N
-    w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
+    i, i_ok, w, s, s_ok, scale = _tile_rows(row, ms, g, b, sb, S, w0, w1, w2, w3, w4, w5, w6,
+                                            w7, N, NP, G, HAS_MASKS, BLOCK_S)
     on = i_ok & (w != 0.0)  # rows read at all (a weight of 0 removes the input everywhere)
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = s < S
-    scale = _scale(row, ms, g, b, s, s_ok, w, i, N, G, HAS_MASKS)
     x_base = _rows(xs, g, i, N, G, ALIGNED) + b * stride_b
     x_site = _site_offsets(s, inner, stride_s0, stride_s1, LAYOUT)
     c_lo = ch * CH
@@ -448,25 +481,13 @@ def write_kernel(
     tile row (input) is read if any of its sites needs it (loads stay vectorised; per 32-byte
     sector the saving is the same); with channels contiguous, per site."""
     pid = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
-    g, row, b, ch, sb = _tile(meta, pid, G, GP, K)
-    C = tl.load(row + C_C)
-    S = tl.load(row + C_S)
-    CH = tl.load(row + C_CH)
-    inner = tl.load(row + C_INNER)
+    g, row, b, ch, sb, C, S, CH, _, inner = _tile_extent(meta, pid, G, GP, K, ALIGNED, VEC)
     stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, ALIGNED, VEC)
     ostride_b, ostride_c, ostride_s0, ostride_s1 = _strides(row, C_OUT, LAYOUT, ALIGNED, VEC)
-    if ALIGNED:
-        S = tl.multiple_of(S, VEC)
-        CH = tl.multiple_of(CH, VEC)
-        C = tl.multiple_of(C, VEC)
 
-    i = tl.arange(0, NP)
-    i_ok = i < N
+    i, i_ok, w, s, s_ok, scale = _tile_rows(row, ms, g, b, sb, S, w0, w1, w2, w3, w4, w5, w6,
+                                            w7, N, NP, G, HAS_MASKS, BLOCK_S)
     i64 = i.to(tl.int64)
-    w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7, N).to(tl.float32)
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = s < S
-    scale = _scale(row, ms, g, b, s, s_ok, w, i, N, G, HAS_MASKS)
     present = i_ok[:, None] & (scale != 0.0)
 
     row_off = tl.load(row + C_ROW_OFF)
@@ -499,10 +520,7 @@ def write_kernel(
     poison = tl.max((present & ~_is_finite(t)).to(tl.int32), axis=0) > 0
     count = tl.maximum(tl.sum(member.to(tl.float32), axis=0), 1.0)
 
-    if LAYOUT == L_SITES:
-        need = (tl.max(member.to(tl.int32), axis=1) > 0)[:, None] & s_ok[None, :]
-    else:
-        need = member
+    need = _read_rows(member, s_ok, LAYOUT)
     x_base = _rows(xs, g, i, N, G, ALIGNED) + b * stride_b
     x_site = _site_offsets(s, inner, stride_s0, stride_s1, LAYOUT)
     o_site = _site_offsets(s, inner, ostride_s0, ostride_s1, LAYOUT)

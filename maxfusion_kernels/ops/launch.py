@@ -80,12 +80,17 @@ def layout_kind(lay: SiteLayout) -> int:
     return P.GENERIC
 
 
+def vector_width(elem_bytes: int) -> int:
+    """Elements per 16-byte vector (the kernels' ``VEC``)."""
+    return 16 // elem_bytes
+
+
 def is_aligned(kind: int, lay: SiteLayout, tensors: Sequence[torch.Tensor],
                elem_bytes: int) -> bool:
     """Whether 16-byte vector loads and stores are valid for this group: every tensor starts
     on 16 bytes, and every stride but the unit one, and the extent of the contiguous axis, are
     multiples of 16 bytes."""
-    vec = 16 // elem_bytes
+    vec = vector_width(elem_bytes)
     if kind == P.GENERIC or any(t.data_ptr() % 16 for t in tensors):
         return False
     strides = (lay.in_strides, lay.out_strides)
@@ -394,7 +399,7 @@ def build_call(groups, opt: FuseOptions, return_info: bool, masks=None):
     common = dict(G=g, GP=P.next_pow2(g), N=n, NP=plan.n_pad, K=P.TABLE_COLS,
                   BATCH_NORMALIZER=opt.batch_normalizer)
     tiles = plan.tiles
-    vec = 16 // elem
+    vec = vector_width(elem)
     kernels = {}
     for aligned in ((False, True) if static_aligned else (False,)):
         kernels[aligned] = [
@@ -531,10 +536,12 @@ def prepare(groups: list[list[torch.Tensor]], n_out: int, channel_dim: int) -> P
 
 
 def plan_for(prep: Prepared, n: int, elem_bytes: int, batch_normalizer: bool,
-             mask_strides: list[tuple[int, ...]] | None = None):
+             mask_strides: list[tuple[int, ...]] | None = None, tile_bytes: int | None = None):
     """``(plan, layout kind, statically aligned, active group indices)`` of a prepared call
-    (statically aligned: shapes and strides allow 16-byte vectors; the pointers of the
-    prepared tensors are checked too)."""
+    (statically aligned: shapes and strides allow 16-byte vectors of ``elem_bytes`` elements;
+    the pointers of the prepared tensors are checked too). ``tile_bytes``: the bytes per
+    element the tiles are planned for (default ``elem_bytes``; the backward reads two tensors
+    per element)."""
     active = [k for k, (_, _, lay) in enumerate(prep.groups) if lay.batch * lay.sites > 0]
     kinds = {layout_kind(prep.groups[k][2]) for k in active}
     kind = kinds.pop() if len(kinds) == 1 else P.GENERIC
@@ -550,7 +557,7 @@ def plan_for(prep: Prepared, n: int, elem_bytes: int, batch_normalizer: bool,
             in_strides=lay.in_strides, out_strides=lay.out_strides,
             site_off=prep.site_offsets[k],
             mask_strides=mask_strides[k] if mask_strides is not None else ()))
-    plan = P.plan_launch(shapes, n, elem_bytes, channels_fast, batch_normalizer)
+    plan = P.plan_launch(shapes, n, tile_bytes or elem_bytes, channels_fast, batch_normalizer)
     return plan, kind, aligned, active
 
 
