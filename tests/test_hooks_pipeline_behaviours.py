@@ -417,7 +417,7 @@ def test_float16_weights_on_cpu(level):
     return float16 residuals, fused in float32 statistics and returned as float16; the
     result is close to the float32 fusion and the winners mostly agree. Both runs start from
     the same noise, drawn once in float32: a float16 ``torch.randn`` with the same generator
-    draws other numbers on some torch versions (torch 2.11 on CPU, from 16 elements on)."""
+    draws other numbers on some torch versions (torch 2.11 on CPU, for these latents)."""
     pipe = tm.sd_controlnet_pipeline(2)
     conds = tm.strip_conditions(2, 32)
     side = 32 // pipe.vae_scale_factor
