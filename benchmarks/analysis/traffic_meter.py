@@ -227,13 +227,16 @@ class TrafficMeter:
         rmw, cas, set_dim = (builder.create_atomic_rmw, builder.create_atomic_cas,
                              builder.set_grid_dim)
 
-        def create_masked_load(ptrs, mask, other, cache_policy, is_volatile):
+        # only the leading arguments are read; the rest go through as given, since they
+        # differ between Triton versions (3.6: other, cache_modifier, eviction_policy,
+        # is_volatile; 3.9: other, cache_policy, is_volatile), positional or by keyword
+        def create_masked_load(ptrs, mask, *args, **kwargs):
             meter._record(builder, ptrs, mask, (0,))
-            return load(ptrs, mask, other, cache_policy, is_volatile)
+            return load(ptrs, mask, *args, **kwargs)
 
-        def create_masked_store(ptrs, value, mask, cache_policy):
+        def create_masked_store(ptrs, value, mask, *args, **kwargs):
             meter._record(builder, ptrs, mask, (1,))
-            return store(ptrs, value, mask, cache_policy)
+            return store(ptrs, value, mask, *args, **kwargs)
 
         def create_atomic_rmw(rmw_op, ptr, val, mask, sem, scope):
             meter._record(builder, ptr, mask, (0, 1))

@@ -162,7 +162,8 @@ def _version(dist: str) -> str:
 def backend_report() -> list[tuple[str, str | None, str]]:
     """``(tensors, backend, why)`` for CPU tensors and for CUDA tensors, as ``max_fuse``
     decides here (``maxfusion_kernels.choose_backend`` with ``backend="auto"``); ``backend``
-    is ``None`` for CUDA tensors where there is no CUDA device."""
+    is ``None`` for CUDA tensors where there is no CUDA device, and for CPU tensors where
+    Triton's interpreter is asked for but cannot run the kernels (``why`` says why)."""
     import torch
 
     from maxfusion_kernels import choose_backend
@@ -170,15 +171,20 @@ def backend_report() -> list[tuple[str, str | None, str]]:
 
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     rows = []
-    cpu = choose_backend(torch.device("cpu"))
-    if cpu == "triton":
-        why = ("TRITON_INTERPRET=1 is set: the Triton kernels run in Triton's interpreter on "
-               "CPU tensors (exact but slow; for tests)")
-    elif interp and not HAS_TRITON:
-        why = "TRITON_INTERPRET=1 is set but triton is not installed: the vectorised torch path"
+    try:
+        cpu = choose_backend(torch.device("cpu"))
+    except RuntimeError as exc:  # Triton's interpreter is asked for but cannot run the kernels
+        cpu, why = None, f"no backend: {exc}"
     else:
-        why = ("the vectorised PyTorch path: the Triton kernels need a CUDA device; "
-               "TRITON_INTERPRET=1 would run them in Triton's interpreter")
+        if cpu == "triton":
+            why = ("TRITON_INTERPRET=1 is set: the Triton kernels run in Triton's interpreter on "
+                   "CPU tensors (exact but slow; for tests)")
+        elif interp and not HAS_TRITON:
+            why = ("TRITON_INTERPRET=1 is set but triton is not installed: the vectorised "
+                   "torch path")
+        else:
+            why = ("the vectorised PyTorch path: the Triton kernels need a CUDA device; "
+                   "TRITON_INTERPRET=1 would run them in Triton's interpreter")
     rows.append(("cpu", cpu, why))
     if torch.cuda.is_available():
         if HAS_TRITON:

@@ -34,7 +34,9 @@ def choose_backend(device: torch.device, backend: str = "auto") -> str:
     """The backend ``max_fuse`` uses for tensors on ``device``: ``"triton"`` or ``"torch"``.
 
     ``"auto"``: CUDA tensors use the Triton kernels; CPU tensors use them when
-    ``TRITON_INTERPRET=1`` is set (outside ``torch.compile``), else the torch path.
+    ``TRITON_INTERPRET=1`` is set (outside ``torch.compile``), else the torch path. Where the
+    Triton kernels would run in Triton's interpreter and it cannot run them (Triton 3.6 with
+    NumPy >= 2.4, ``ops/interpret.py``), a RuntimeError says so and how to get out of it.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
@@ -50,10 +52,28 @@ def choose_backend(device: torch.device, backend: str = "auto") -> str:
                 f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
                 f"the features are on {device}"
             )
+        if interp:
+            _check_interpreter()
         return "triton"
     if HAS_TRITON and (on_gpu or (interp and not torch.compiler.is_compiling())):
+        if interp:
+            _check_interpreter()
         return "triton"
     return "torch"
+
+
+def _check_interpreter() -> None:
+    """Raise a clear error where Triton's interpreter cannot run the kernels here (Triton 3.6
+    with NumPy >= 2.4: ``ops/interpret.py``), instead of a TypeError from the first launch.
+    Not while ``torch.compile`` traces or a dispatch mode (fake tensors) is active: the probe
+    runs a kernel on real tensors, so the first eager call checks."""
+    if not eager_mode():
+        return
+    from .interpret import interpreter_problem
+
+    problem = interpreter_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
 
 
 def eager_call(tensors: Sequence[torch.Tensor]) -> bool:
