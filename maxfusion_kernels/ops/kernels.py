@@ -40,6 +40,7 @@ C_ROW_OFF = tl.constexpr(P.COL_ROW_OFF)
 C_MASKS = tl.constexpr(P.COL_MASK_STRIDES)
 L_SITES = tl.constexpr(P.SITES_CONTIG)
 L_CHANNELS = tl.constexpr(P.CHANNELS_CONTIG)
+L_GENERIC = tl.constexpr(P.GENERIC)
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,6 +230,25 @@ def _load_tile(x_base, x_site, stride_c, chn, c_hi, rows_sites, LAYOUT: tl.const
 
 
 @triton.jit
+def _load_tile_flat(x_base, stride_c, c0, c_hi, site_flat, ok_flat, NP: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``_load_tile`` of channels ``c0 ..`` for the variants whose loads are scalar (the generic
+    layout; sites contiguous but not 16-byte aligned), addressed as one flat channel-major
+    ``[NP, BLOCK_C * BLOCK_S]`` tile (``site_flat``, ``ok_flat``: per flat index ``c * BLOCK_S +
+    s``, the site's offset and the rows that read it) and reshaped to ``[NP, BLOCK_C, BLOCK_S]``.
+    A 3-D pointer tile of scalar loads has no contiguous axis, so the compiler's choice of which
+    axis goes across the lanes is a tie that Triton versions break differently: 3.6 put the N
+    rows and the channels across the lanes, each thread held 8 to 16 sites, each with a 64-bit
+    address (255 registers in pass 3, spills on sm_100/120); flat, the lanes run along the
+    tile's sites and channels whatever the version, and each thread keeps a few sites."""
+    k = tl.arange(0, BLOCK_C * BLOCK_S)
+    c = c0 + k // BLOCK_S
+    ptr = x_base[:, None] + (c * stride_c + site_flat)[None, :]
+    x = tl.load(ptr, mask=ok_flat & (c < c_hi)[None, :], other=0.0)
+    return tl.reshape(x, (NP, BLOCK_C, BLOCK_S))
+
+
+@triton.jit
 def _is_finite(x):
     """Not NaN and not infinite (``inf - inf`` and ``nan - nan`` are NaN)."""
     return (x - x) == 0.0
@@ -293,7 +313,15 @@ def stats_kernel(
     acc_g = tl.zeros((NP, NP, BLOCK_C, BLOCK_S), tl.float32)
     cc = tl.arange(0, BLOCK_C)
     # software pipelining by hand: the next tile's loads are issued before this one is used
-    x_next = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, m2, LAYOUT)
+    FLAT: tl.constexpr = (LAYOUT == L_GENERIC) or ((LAYOUT == L_SITES) and (ALIGNED == 0))
+    if FLAT:  # scalar loads: see _load_tile_flat
+        s_flat = sb * BLOCK_S + tl.arange(0, BLOCK_C * BLOCK_S) % BLOCK_S
+        site_flat = _site_offsets(s_flat, inner, stride_s0, stride_s1, LAYOUT)
+        ok_flat = on[:, None] & (s_flat < S)[None, :]
+        x_next = _load_tile_flat(x_base, stride_c, c_lo, c_hi, site_flat, ok_flat, NP, BLOCK_C,
+                                 BLOCK_S)
+    else:
+        x_next = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, m2, LAYOUT)
     # the shift: each vector's value at the chunk's first channel, taken from the first tile
     # (a load of that one channel row would not be vectorised)
     k = tl.sum(tl.where((cc == 0)[None, :, None], x_next.to(tl.float32), 0.0), axis=1)
@@ -301,7 +329,11 @@ def stats_kernel(
     for c0 in range(c_lo, c_hi, BLOCK_C):
         m3 = m2[:, None, :] & (c0 + cc < c_hi)[None, :, None]
         x = x_next.to(tl.float32)
-        x_next = _load_tile(x_base, x_site, stride_c, c0 + BLOCK_C + cc, c_hi, m2, LAYOUT)
+        if FLAT:
+            x_next = _load_tile_flat(x_base, stride_c, c0 + BLOCK_C, c_hi, site_flat, ok_flat, NP,
+                                     BLOCK_C, BLOCK_S)
+        else:
+            x_next = _load_tile(x_base, x_site, stride_c, c0 + BLOCK_C + cc, c_hi, m2, LAYOUT)
         x = tl.where(scale[:, None, :] != 0.0, x * scale[:, None, :], 0.0)
         d = tl.where(m3, x - k[:, None, :], 0.0)
         acc_a += d
@@ -519,6 +551,13 @@ def write_kernel(
     factor = tl.where(present, factor, 0.0)
     poison = tl.max((present & ~_is_finite(t)).to(tl.int32), axis=0) > 0
     count = tl.maximum(tl.sum(member.to(tl.float32), axis=0), 1.0)
+    # per site 1 / count, NaN where poisoned, so that the channel loop multiplies by one
+    # per-site value (no division, no select by a second per-site mask: the loop keeps less
+    # alive; under Triton 3.6 ptxas spilled loop-carried halves of the N = 2 merge on sm_80-89)
+    if F64:
+        inv_count = tl.where(poison, float("nan"), 1.0 / count.to(tl.float64))
+    else:
+        inv_count = tl.where(poison, float("nan"), 1.0 / count)
 
     need = _read_rows(member, s_ok, LAYOUT)
     x_base = _rows(xs, g, i, N, G, ALIGNED) + b * stride_b
@@ -527,19 +566,35 @@ def write_kernel(
     c_lo = ch * CH
     c_hi = tl.minimum(c_lo + CH, C)
     cc = tl.arange(0, BLOCK_C)
-    x_next = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, need, LAYOUT)
+    FLAT: tl.constexpr = (LAYOUT == L_GENERIC) or ((LAYOUT == L_SITES) and (ALIGNED == 0))
+    if FLAT:  # scalar loads: see _load_tile_flat
+        s_flat = sb * BLOCK_S + tl.arange(0, BLOCK_C * BLOCK_S) % BLOCK_S
+        site_flat = _site_offsets(s_flat, inner, stride_s0, stride_s1, LAYOUT)
+        if LAYOUT == L_SITES:
+            need_row = tl.max(member.to(tl.int32), axis=1) > 0  # as _read_rows
+            ok_flat = need_row[:, None] & (s_flat < S)[None, :]
+        else:
+            ok_flat = tl.reshape(tl.broadcast_to(need[:, None, :], (NP, BLOCK_C, BLOCK_S)),
+                                 (NP, BLOCK_C * BLOCK_S))
+        x_next = _load_tile_flat(x_base, stride_c, c_lo, c_hi, site_flat, ok_flat, NP, BLOCK_C,
+                                 BLOCK_S)
+    else:
+        x_next = _load_tile(x_base, x_site, stride_c, c_lo + cc, c_hi, need, LAYOUT)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         chn = c0 + cc
         c_ok = chn < c_hi
         x = x_next
-        x_next = _load_tile(x_base, x_site, stride_c, chn + BLOCK_C, c_hi, need, LAYOUT)
+        if FLAT:
+            x_next = _load_tile_flat(x_base, stride_c, c0 + BLOCK_C, c_hi, site_flat, ok_flat, NP,
+                                     BLOCK_C, BLOCK_S)
+        else:
+            x_next = _load_tile(x_base, x_site, stride_c, chn + BLOCK_C, c_hi, need, LAYOUT)
         if F64:
             x = tl.where(member[:, None, :], x.to(tl.float64) * scale.to(tl.float64)[:, None, :],
                          0.0)
         else:
             x = tl.where(member[:, None, :], x.to(tl.float32) * scale[:, None, :], 0.0)
-        out = tl.sum(x, axis=0) / count[None, :]
-        out = tl.where(poison[None, :], float("nan"), out)
+        out = tl.sum(x, axis=0) * inv_count[None, :]
         o_off = _channel_offsets(chn, ostride_c, LAYOUT)[:, None] + o_site[None, :]
         oc_ok = c_ok[:, None] & s_ok[None, :]
         if UNMERGE:
