@@ -172,3 +172,34 @@ def test_backward_takes_the_forwards_aligned_variant(monkeypatch, where):
     assert seen == [(where == "none", 8)] * 2
     for a, b in zip(got, plain):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("first", ["misaligned", "aligned"])
+def test_each_call_checks_its_own_pointers(monkeypatch, first):
+    """The variant follows each call's pointers, not the first call's: a call whose plan was
+    cached by a call on inputs 2 bytes past a 16-byte boundary still gets the ALIGNED kernels
+    (16-byte vectors) when its own inputs are aligned, and the other way round; both give the
+    same result. (The plan used to fix the variant from the first call's pointers, so an
+    aligned call after a misaligned one of the same signature ran one-element loads.)"""
+    from collections import OrderedDict
+
+    seen = []
+    real = launch._Kernel.launch
+
+    def spy(self, args, device, direct):
+        if "ALIGNED" in self.consts:
+            seen.append(self.consts["ALIGNED"])
+        return real(self, args, device, direct)
+
+    monkeypatch.setattr(launch._Kernel, "launch", spy)
+    monkeypatch.setattr(launch, "_CALLS", OrderedDict())  # this test's own plans
+    g = torch.Generator().manual_seed(3)
+    aligned = [(torch.randn((1, 8, 4, 6), generator=g) * (1 + i)).half() for i in range(2)]
+    shifted = [_shifted(f) for f in aligned]
+    order = [shifted, aligned] if first == "misaligned" else [aligned, shifted]
+    outs = []
+    for feats in order * 2:  # the second round runs on the cached plan
+        seen.clear()
+        outs.append(mk.max_fuse(feats, backend="triton"))
+        assert seen == [feats is aligned] * 2  # pass 1 and pass 3
+    assert all(torch.equal(o, outs[0]) for o in outs)

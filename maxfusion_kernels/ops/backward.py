@@ -53,9 +53,11 @@ def triton_backward(groups: list[list[torch.Tensor]], grads: list[list[torch.Ten
     elem = f0.element_size()
     plan, kind, aligned, active = plan_for(prep, n, elem, opt.batch_normalizer, mask_strides,
                                            tile_bytes=2 * elem)
-    # 16-byte vectors: the inputs and input gradients were checked, now the output gradients
-    aligned = aligned and all(is_aligned(kind, prep.groups[k][2], gs_all[k], elem)
-                              for k in active)
+    # 16-byte vectors: shapes and strides allow them; now the pointers of the inputs, the
+    # output gradients and the input gradients (the outputs)
+    aligned = aligned and all(
+        is_aligned(kind, prep.groups[k][2], [*prep.groups[k][0], *prep.groups[k][1], *gs_all[k]],
+                   elem) for k in active)
     results = [list(outs) for _, outs, _ in prep.groups]
     if not active:
         return results

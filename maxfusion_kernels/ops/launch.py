@@ -539,16 +539,15 @@ def plan_for(prep: Prepared, n: int, elem_bytes: int, batch_normalizer: bool,
              mask_strides: list[tuple[int, ...]] | None = None, tile_bytes: int | None = None):
     """``(plan, layout kind, statically aligned, active group indices)`` of a prepared call
     (statically aligned: shapes and strides allow 16-byte vectors of ``elem_bytes`` elements;
-    the pointers of the prepared tensors are checked too). ``tile_bytes``: the bytes per
-    element the tiles are planned for (default ``elem_bytes``; the backward reads two tensors
-    per element)."""
+    pointers are not checked here: they change from call to call under the same plan, so each
+    call checks its own). ``tile_bytes``: the bytes per element the tiles are planned for
+    (default ``elem_bytes``; the backward reads two tensors per element)."""
     active = [k for k, (_, _, lay) in enumerate(prep.groups) if lay.batch * lay.sites > 0]
     kinds = {layout_kind(prep.groups[k][2]) for k in active}
     kind = kinds.pop() if len(kinds) == 1 else P.GENERIC
     channels_fast = all(prep.groups[k][2].in_strides[1] == 1 for k in active)
     aligned = bool(active) and all(
-        is_aligned(kind, prep.groups[k][2], [*prep.groups[k][0], *prep.groups[k][1]], elem_bytes)
-        for k in active)
+        is_aligned(kind, prep.groups[k][2], (), elem_bytes) for k in active)
     shapes = []
     for k in active:
         lay = prep.groups[k][2]
