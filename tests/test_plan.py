@@ -97,3 +97,18 @@ def test_workspace_bound(batch_normalizer):
     assert floats * 4 <= plan.workspace_bytes <= floats * 4 + 6 * P.WORKSPACE_ALIGN
     # below 10 % of the input bytes for the SD1.5 step at N = 3 (the statistics' share)
     assert plan.workspace_bytes < 0.1 * _input_bytes(shapes, n, 2)
+
+
+@pytest.mark.parametrize("elem_bytes", [2, 4, 8])
+@pytest.mark.parametrize("n", list(range(2, 9)))
+def test_channel_chunks_hold_whole_vectors_when_channels_are_contiguous(n, elem_bytes):
+    """With channels contiguous the ALIGNED kernels declare the chunk size CH (and C) multiples
+    of the 16-byte vector (``kernels._tile_extent``): every register tile and chunk of the plan
+    must then be whole vectors, for every N and element size (C itself is checked per call by
+    ``launch.is_aligned``)."""
+    vec = 16 // elem_bytes
+    tiles = P.pick_tiles(n, elem_bytes, True)
+    assert tiles.block_c % vec == 0
+    for channels in (vec, 3 * vec, 320, 1280, 3072):
+        _, ch = P.channel_chunks(n, channels, elem_bytes, tiles)
+        assert ch % vec == 0

@@ -66,7 +66,7 @@ def bwd_stats_kernel(
     the centred sums of squares (shifted by the chunk's first channel, as the forward's pass
     1), and with ``UNMERGE`` rows ``2N..3N-1`` the sums of ``gamma_i * x_w``."""
     pid = tl.program_id(0).to(tl.int64)
-    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, ALIGNED, VEC)
+    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, LAYOUT, ALIGNED, VEC)
     stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, ALIGNED, VEC)
     ostride_b, ostride_c, ostride_s0, ostride_s1 = _strides(row, C_OUT, LAYOUT, ALIGNED, VEC)
 
@@ -134,7 +134,7 @@ def bwd_write_kernel(
     terms (direct and through ``s_w``) and each non-member's term through its own std. 0 at
     removed inputs and at non-finite sites."""
     pid = tl.program_id(0).to(tl.int64)
-    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, ALIGNED, VEC)
+    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, LAYOUT, ALIGNED, VEC)
     B = tl.load(row + C_B)
     stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, ALIGNED, VEC)
     ostride_b, ostride_c, ostride_s0, ostride_s1 = _strides(row, C_OUT, LAYOUT, ALIGNED, VEC)

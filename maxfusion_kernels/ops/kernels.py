@@ -122,10 +122,13 @@ def _tile(meta, pid, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr):
 
 @triton.jit
 def _tile_extent(meta, pid, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr,
-                 ALIGNED: tl.constexpr, VEC: tl.constexpr):
+                 LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
     """``_tile``'s ``(group, row, sample, chunk, site block)`` and the group's sizes
     ``(C, S, CH, chunks, inner)`` from its table row (the prologue of passes 1 and 3 and of the
-    backward's two kernels); with ``ALIGNED``, C, S and CH are declared multiples of VEC."""
+    backward's two kernels). With ``ALIGNED``, the extents of the contiguous axis are declared
+    multiples of VEC, and only those (what ``launch.is_aligned`` and the plan guarantee): S with
+    sites contiguous; C and CH (a multiple of BLOCK_C, itself one of VEC) with channels
+    contiguous."""
     g, row, b, ch, sb = _tile(meta, pid, G, GP, K)
     C = tl.load(row + C_C)
     S = tl.load(row + C_S)
@@ -133,9 +136,11 @@ def _tile_extent(meta, pid, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr,
     nch = tl.load(row + C_NCH)
     inner = tl.load(row + C_INNER)
     if ALIGNED:
-        S = tl.multiple_of(S, VEC)
-        CH = tl.multiple_of(CH, VEC)
-        C = tl.multiple_of(C, VEC)
+        if LAYOUT == L_SITES:
+            S = tl.multiple_of(S, VEC)
+        else:
+            CH = tl.multiple_of(CH, VEC)
+            C = tl.multiple_of(C, VEC)
     return g, row, b, ch, sb, C, S, CH, nch, inner
 
 
@@ -288,7 +293,7 @@ def stats_kernel(
     channel (a well-conditioned one-pass form), and reduced over the channels once at the end.
     """
     pid = tl.program_id(0).to(tl.int64)
-    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, ALIGNED, VEC)
+    g, row, b, ch, sb, C, S, CH, nch, inner = _tile_extent(meta, pid, G, GP, K, LAYOUT, ALIGNED, VEC)
     stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, ALIGNED, VEC)
 
     # this sample's pass-2 ticket starts at zero (pass 2 runs after this launch)
@@ -513,7 +518,7 @@ def write_kernel(
     tile row (input) is read if any of its sites needs it (loads stay vectorised; per 32-byte
     sector the saving is the same); with channels contiguous, per site."""
     pid = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
-    g, row, b, ch, sb, C, S, CH, _, inner = _tile_extent(meta, pid, G, GP, K, ALIGNED, VEC)
+    g, row, b, ch, sb, C, S, CH, _, inner = _tile_extent(meta, pid, G, GP, K, LAYOUT, ALIGNED, VEC)
     stride_b, stride_c, stride_s0, stride_s1 = _strides(row, C_IN, LAYOUT, ALIGNED, VEC)
     ostride_b, ostride_c, ostride_s0, ostride_s1 = _strides(row, C_OUT, LAYOUT, ALIGNED, VEC)
 
